@@ -1,0 +1,19 @@
+"""flowkit: compose normalizing flows in PyTorch on nflows' contract.
+
+Every layer is an ``nflows.transforms.Transform`` mapping data -> latent in ``forward`` and
+returning ``(outputs, logabsdet[batch])``; see :mod:`flowkit.layers.base`.
+
+Importing flowkit applies the documented fixes to nflows 0.14 in :mod:`flowkit.nflows_compat`.
+"""
+
+from flowkit import nflows_compat as _nflows_compat
+
+_nflows_compat.apply_patches()
+
+from flowkit import layers, models  # noqa: E402
+from flowkit.check import CheckReport, check_transform  # noqa: E402
+from flowkit.models import ImageFlow, tutorial_flow  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = ["CheckReport", "ImageFlow", "check_transform", "layers", "models", "tutorial_flow", "__version__"]

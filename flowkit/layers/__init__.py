@@ -1,0 +1,31 @@
+"""flowkit's layers: each an ``nflows.transforms.Transform`` (contract in :mod:`flowkit.layers.base`)."""
+
+from flowkit.layers.coupling import MaskedAffineCoupling, channel_mask, checkerboard_mask
+from flowkit.layers.dequantization import (
+    Dequantization,
+    ScaledLogit,
+    VariationalDequantization,
+    default_noise_margin,
+)
+from flowkit.layers.gated_conv import (
+    ConcatELU,
+    GatedConvNet,
+    GatedResidualBlock,
+    LayerNormChannels,
+    gated_conv_net,
+)
+
+__all__ = [
+    "ConcatELU",
+    "Dequantization",
+    "GatedConvNet",
+    "GatedResidualBlock",
+    "LayerNormChannels",
+    "MaskedAffineCoupling",
+    "ScaledLogit",
+    "VariationalDequantization",
+    "channel_mask",
+    "checkerboard_mask",
+    "default_noise_margin",
+    "gated_conv_net",
+]

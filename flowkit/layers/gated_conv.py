@@ -1,0 +1,120 @@
+"""The tutorial's coupling network: a gated residual CNN (inspired by Flow++, Ho et al., 2019)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["ConcatELU", "LayerNormChannels", "GatedResidualBlock", "GatedConvNet", "gated_conv_net"]
+
+
+class ConcatELU(nn.Module):
+    """``[elu(x), elu(-x)]`` along channels: doubles the channels, strong gradients both ways."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([F.elu(x), F.elu(-x)], dim=1)
+
+
+class LayerNormChannels(nn.Module):
+    """LayerNorm over the channel dimension of ``[B, C, H, W]`` at every pixel."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class GatedResidualBlock(nn.Module):
+    """``x + a * sigmoid(g)`` with ``[a, g] = conv1x1(ConcatELU(conv3x3(x)))``."""
+
+    def __init__(self, channels: int, hidden_channels: int):
+        super().__init__()
+        self.conv_in = nn.Conv2d(channels, hidden_channels, kernel_size=3, padding=1)
+        self.act = ConcatELU()
+        self.conv_out = nn.Conv2d(2 * hidden_channels, 2 * channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.conv_out(self.act(self.conv_in(x))).chunk(2, dim=1)
+        return x + value * torch.sigmoid(gate)
+
+
+class GatedConvNet(nn.Module):
+    """Gated residual CNN used inside coupling layers.
+
+    conv3x3 -> ``num_layers`` x [GatedResidualBlock, LayerNormChannels] -> ConcatELU ->
+    conv3x3 (zero-initialised, so a coupling built on it starts as the identity).
+
+    Args:
+        in_channels: channels of ``x``.
+        out_channels: channels of the output (``2 * C`` for affine coupling parameters).
+        hidden_channels: width of the residual blocks.
+        num_layers: number of gated residual blocks.
+        context_channels: channels of ``context``, concatenated after ``x``; 0 for none.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        hidden_channels: int = 32,
+        num_layers: int = 3,
+        context_channels: int = 0,
+    ):
+        super().__init__()
+        for name, value, low in (
+            ("in_channels", in_channels, 1),
+            ("out_channels", out_channels, 1),
+            ("hidden_channels", hidden_channels, 1),
+            ("num_layers", num_layers, 0),
+            ("context_channels", context_channels, 0),
+        ):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+        self.in_channels = in_channels
+        self.context_channels = context_channels
+        layers: list[nn.Module] = [nn.Conv2d(in_channels + context_channels, hidden_channels, 3, padding=1)]
+        for _ in range(num_layers):
+            layers += [GatedResidualBlock(hidden_channels, hidden_channels), LayerNormChannels(hidden_channels)]
+        layers += [ConcatELU(), nn.Conv2d(2 * hidden_channels, out_channels, 3, padding=1)]
+        self.net = nn.Sequential(*layers)
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"x: expected shape [batch, {self.in_channels}, height, width], got {tuple(x.shape)}"
+            )
+        if self.context_channels:
+            if context is None:
+                raise ValueError(f"context: this net expects {self.context_channels} context channels, got None")
+            if context.shape[0] != x.shape[0] or context.shape[1] != self.context_channels or context.shape[2:] != x.shape[2:]:
+                raise ValueError(
+                    f"context: expected shape [{x.shape[0]}, {self.context_channels}, {x.shape[2]}, {x.shape[3]}], "
+                    f"got {tuple(context.shape)}"
+                )
+            x = torch.cat([x, context.to(x.dtype)], dim=1)
+        elif context is not None:
+            raise ValueError("context: this net was built with context_channels=0 but got a context")
+        return self.net(x)
+
+
+def gated_conv_net(
+    hidden_channels: int = 32, num_layers: int = 3, context_channels: int = 0
+) -> Callable[[int, int], GatedConvNet]:
+    """The ``transform_net_create_fn(in_channels, out_channels)`` that nflows couplings take.
+
+    Example:
+        >>> from nflows.transforms import AffineCouplingTransform
+        >>> coupling = AffineCouplingTransform([1, 1, -1, -1], gated_conv_net(16))
+    """
+
+    def create(in_channels: int, out_channels: int) -> GatedConvNet:
+        return GatedConvNet(in_channels, out_channels, hidden_channels, num_layers, context_channels)
+
+    return create
