@@ -304,3 +304,16 @@ def _case_multiscale() -> LayerCase:
 
     model = tutorial_flow("multiscale", image_shape=(1, 4, 4))
     return LayerCase(model.flow, _floats(2, 1, 4, 4))
+
+
+@register_case("MemorySavingComposite(glow steps)")
+def _case_memory_saving() -> LayerCase:
+    from nflows.transforms import ActNorm, AffineCouplingTransform, OneByOneConvolution
+
+    from flowkit.layers import MemorySavingComposite, gated_conv_net
+
+    steps = []
+    for i in range(2):
+        mask = [1, 1, -1, -1] if i % 2 == 0 else [-1, -1, 1, 1]
+        steps += [ActNorm(4), OneByOneConvolution(4), AffineCouplingTransform(mask, gated_conv_net(8, 1))]
+    return LayerCase(MemorySavingComposite(steps), _floats(3, 4, 2, 2))

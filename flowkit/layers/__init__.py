@@ -14,6 +14,7 @@ from flowkit.layers.gated_conv import (
     LayerNormChannels,
     gated_conv_net,
 )
+from flowkit.layers.memory_saving import MemorySavingComposite
 
 __all__ = [
     "ConcatELU",
@@ -22,6 +23,7 @@ __all__ = [
     "GatedResidualBlock",
     "LayerNormChannels",
     "MaskedAffineCoupling",
+    "MemorySavingComposite",
     "ScaledLogit",
     "VariationalDequantization",
     "channel_mask",

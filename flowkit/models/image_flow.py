@@ -6,6 +6,7 @@ import math
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from nflows.transforms import MultiscaleCompositeTransform, Transform
 from torch import nn
 
@@ -29,12 +30,29 @@ class ImageFlow(nn.Module):
     ``log_prob(x) = log N(z) + logabsdet`` is the (one-sample, variational) lower bound on
     ``log P(x)`` in nats; ``bpd`` converts it to bits per dimension.
 
+    Padding.  With ``pad_to=(H', W')`` the images are padded (centred) with the constant
+    ``pad_value`` to ``(C, H', W')`` *before* dequantization, so that e.g. a Glow can squeeze
+    28x28 MNIST three times at 32x32; ``dequantization`` and ``flow`` then work at the padded
+    size, and ``decode``/``sample``/``interpolate`` crop back to ``image_shape``.  The padding
+    pixels are modelled as part of the image, so ``log_prob(x)`` is
+    ``log P(x, pad) <= log P(x)`` (the padded image carries no more information than ``x``;
+    a code for the padded image is a code for ``x``): a valid, slightly looser bound on the
+    original image.  ``bpd`` divides it by the **original** dimensions
+    ``num_dims = C*H*W`` (not ``model_dims = C*H'*W'``), so it is an honest bits-per-pixel
+    figure comparable with unpadded models; dividing by ``model_dims`` would make the cheap
+    constant border look like compression of the image.
+
     Args:
-        dequantization: a :class:`~flowkit.layers.Dequantization` (or the variational one).
-        flow: nflows Transform from logits to latents (data -> latent direction).
-        image_shape: ``(C, H, W)``.
-        latent_shape: shape of one latent as ``flow`` outputs it (``(C*H*W,)`` for nflows'
+        dequantization: a :class:`~flowkit.layers.Dequantization` (or the variational one),
+            built for the padded shape.
+        flow: nflows Transform from logits to latents (data -> latent direction), built for
+            the padded shape.
+        image_shape: ``(C, H, W)`` of the images the user passes and gets back.
+        latent_shape: shape of one latent as ``flow`` outputs it (``(C*H'*W',)`` for nflows'
             flattening ``MultiscaleCompositeTransform``); default: derived from ``flow``.
+        pad_to: ``(H', W')`` with ``H' >= H`` and ``W' >= W``, or ``None`` for no padding.
+        pad_value: the integer level used for the padding pixels (default 0, the background
+            of MNIST-like data).
     """
 
     def __init__(
@@ -43,6 +61,8 @@ class ImageFlow(nn.Module):
         flow: Transform,
         image_shape: Sequence[int],
         latent_shape: Sequence[int] | None = None,
+        pad_to: Sequence[int] | None = None,
+        pad_value: int = 0,
     ):
         super().__init__()
         if not isinstance(dequantization, Dequantization):
@@ -56,12 +76,19 @@ class ImageFlow(nn.Module):
         self.flow = flow
         self.image_shape = image_shape
         self.num_levels = dequantization.num_levels
+        self.padded_shape, self.padding = _padding(image_shape, pad_to)
+        if not isinstance(pad_value, int) or not 0 <= pad_value < self.num_levels:
+            raise ValueError(f"pad_value: expected an int level in [0, {self.num_levels}), got {pad_value!r}")
+        self.pad_value = pad_value
+        #: dimensions bpd is divided by: the original image's C*H*W
         self.num_dims = math.prod(image_shape)
+        #: dimensions the flow models: C*H'*W' of the padded image (== num_dims without padding)
+        self.model_dims = math.prod(self.padded_shape)
         if latent_shape is None:
-            latent_shape = (self.num_dims,) if isinstance(flow, MultiscaleCompositeTransform) else image_shape
+            latent_shape = (self.model_dims,) if isinstance(flow, MultiscaleCompositeTransform) else self.padded_shape
         self.latent_shape = tuple(int(s) for s in latent_shape)
-        if math.prod(self.latent_shape) != self.num_dims:
-            raise ValueError(f"latent_shape: {self.latent_shape} does not hold {self.num_dims} dimensions")
+        if math.prod(self.latent_shape) != self.model_dims:
+            raise ValueError(f"latent_shape: {self.latent_shape} does not hold {self.model_dims} dimensions")
 
     # -- where the model lives ---------------------------------------------------------
     @property
@@ -88,10 +115,29 @@ class ImageFlow(nn.Module):
             raise ValueError(f"{name}: expected images of shape [batch, {', '.join(map(str, self.image_shape))}], got {tuple(x.shape)}")
         return x.to(self.device)
 
+    # -- padding ----------------------------------------------------------------------
+    @property
+    def is_padded(self) -> bool:
+        return self.padded_shape != self.image_shape
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, C, H, W]`` -> ``[B, C, H', W']`` with the constant ``pad_value`` border."""
+        if not self.is_padded:
+            return x
+        return F.pad(x, self.padding, mode="constant", value=self.pad_value)
+
+    def crop(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`pad`: ``[B, C, H', W'] -> [B, C, H, W]``."""
+        if not self.is_padded:
+            return x
+        left, _, top, _ = self.padding
+        _, h, w = self.image_shape
+        return x[..., top : top + h, left : left + w]
+
     # -- density ----------------------------------------------------------------------
     def encode_with_logdet(self, x: torch.Tensor):
         """``(z, logabsdet)``: latents (shaped as ``latent_shape``) of integer images."""
-        x = self._check_images(x)
+        x = self.pad(self._check_images(x))
         h, ladj = self.dequantization(x)
         z, ladj_flow = self.flow(h)
         return z, ladj + ladj_flow
@@ -102,10 +148,16 @@ class ImageFlow(nn.Module):
         return standard_normal_log_prob(z) + logabsdet
 
     def nats_to_bpd(self, log_prob: torch.Tensor) -> torch.Tensor:
+        """``-log_prob / (num_dims log 2)``; ``num_dims`` is the original (unpadded) C*H*W."""
         return -log_prob / (self.num_dims * math.log(2.0))
 
     def bpd(self, x: torch.Tensor) -> torch.Tensor:
-        """Bits per dimension, ``-log_prob(x) / (D log 2)``, shape ``[batch]``."""
+        """Bits per dimension, ``-log_prob(x) / (D log 2)``, shape ``[batch]``.
+
+        ``D = num_dims`` is the original image's size; with padding the border's cost stays
+        in ``log_prob`` (see the class docstring), so the figure is an upper bound per
+        original pixel.
+        """
         return self.nats_to_bpd(self.log_prob(x))
 
     def bpd_importance(self, x: torch.Tensor, num_samples: int = 8) -> torch.Tensor:
@@ -124,14 +176,15 @@ class ImageFlow(nn.Module):
         return self.encode_with_logdet(x)[0]
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Integer images (``torch.long``) from latents shaped ``[batch, *latent_shape]``."""
+        """Integer images (``torch.long``, ``[batch, *image_shape]``, cropped back to the
+        original size when padded) from latents shaped ``[batch, *latent_shape]``."""
         if not isinstance(z, torch.Tensor) or not z.is_floating_point():
             raise TypeError(f"z: expected a floating-point tensor, got {type(z).__name__}")
         if tuple(z.shape[1:]) != self.latent_shape:
             raise ValueError(f"z: expected shape [batch, {', '.join(map(str, self.latent_shape))}], got {tuple(z.shape)}")
         h, _ = self.flow.inverse(z.to(device=self.device, dtype=self.dtype))
         x, _ = self.dequantization.inverse(h)
-        return x
+        return self.crop(x)
 
     def sample_latents(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
         """``z ~ N(0, temperature^2 I)``, shape ``[n, *latent_shape]``."""
@@ -174,3 +227,22 @@ class ImageFlow(nn.Module):
         self.train()
         self.log_prob(x)
         self.train(was_training)
+
+
+def _padding(image_shape: tuple[int, int, int], pad_to) -> tuple[tuple[int, int, int], tuple[int, int, int, int]]:
+    """``(padded_shape, (left, right, top, bottom))`` centring the image in ``pad_to``."""
+    c, h, w = image_shape
+    if pad_to is None:
+        return image_shape, (0, 0, 0, 0)
+    if (
+        isinstance(pad_to, (str, bytes))
+        or not hasattr(pad_to, "__len__")
+        or len(pad_to) != 2
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in pad_to)
+    ):
+        raise ValueError(f"pad_to: expected (height, width) as two ints, got {pad_to!r}")
+    ph, pw = pad_to
+    if ph < h or pw < w:
+        raise ValueError(f"pad_to: {ph}x{pw} is smaller than the images ({h}x{w}); expected height >= {h} and width >= {w}")
+    top, left = (ph - h) // 2, (pw - w) // 2
+    return (c, ph, pw), (left, pw - w - left, top, ph - h - top)

@@ -1,0 +1,302 @@
+"""Glow (Kingma & Dhariwal, 2018) from nflows' parts, with the tutorial's dequantization.
+
+``x`` (integers) -> [pad] -> dequantization -> L levels of
+``squeeze -> K x [ActNorm, OneByOneConvolution (LU), coupling(GatedConvNet)] -> split``
+-> ``z ~ N(0, I)``; the levels are assembled with nflows' ``MultiscaleCompositeTransform``
+(half of the channels leave for the prior after every level but the last).
+
+Shapes are planned and validated before any layer is built: a squeeze needs even height
+and width at every level, so ``glow((1, 28, 28), levels=3)`` fails at construction with a
+message naming level 3, its ``4x7x7`` input, and the fixes (``levels<=2`` or
+``pad_to=(32, 32)``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from nflows.transforms import (
+    ActNorm,
+    AdditiveCouplingTransform,
+    AffineCouplingTransform,
+    CompositeTransform,
+    MultiscaleCompositeTransform,
+    OneByOneConvolution,
+    SqueezeTransform,
+    Transform,
+)
+from torch import nn
+
+from flowkit.layers import Dequantization, gated_conv_net
+from flowkit.layers.base import sum_except_batch
+from flowkit.models.image_flow import ImageFlow, _padding
+from flowkit.models.tutorial import _variational_dequantization
+
+__all__ = [
+    "COUPLINGS",
+    "DEQUANTIZATIONS",
+    "ClampedAffineCoupling",
+    "GlowLevelPlan",
+    "glow",
+    "glow_coupling",
+    "glow_step",
+    "plan_glow_levels",
+]
+
+COUPLINGS = ("affine", "additive", "clamped-affine")
+DEQUANTIZATIONS = ("variational", "uniform")
+
+
+class ClampedAffineCoupling(AffineCouplingTransform):
+    """nflows' affine coupling with the tutorial's soft clamp on the log-scale.
+
+    ``z_b = x_b * exp(s) + t`` with ``s = f * tanh(s_raw / f)``, ``[t, s_raw] = net(x_a)`` and a
+    learned per-channel ``f = exp(log_clamp)`` (starts at 1); ``logabsdet = sum(s)``.
+    Unlike nflows' ``AffineCouplingTransform`` (scale ``sigmoid(s_raw + 2) + 1e-3``, 0.88 for
+    a zero-initialised net) this is the identity at initialisation and can also expand.
+
+    Args:
+        mask: nflows channel mask (``> 0``: transformed, ``<= 0``: passed through).
+        transform_net_create_fn: ``(in_channels, out_channels) -> net``, e.g.
+            :func:`flowkit.layers.gated_conv_net`.
+    """
+
+    def __init__(self, mask, transform_net_create_fn):
+        super().__init__(mask, transform_net_create_fn)
+        self.log_clamp = nn.Parameter(torch.zeros(self.num_transform_features))
+
+    def _log_scale_and_shift(self, transform_params: torch.Tensor):
+        n = self.num_transform_features
+        shift, raw = transform_params[:, :n], transform_params[:, n:]
+        f = self.log_clamp.exp().view(1, n, *[1] * (transform_params.dim() - 2))
+        return torch.tanh(raw / f) * f, shift
+
+    def _coupling_transform_forward(self, inputs, transform_params):
+        s, t = self._log_scale_and_shift(transform_params)
+        return inputs * torch.exp(s) + t, sum_except_batch(s)
+
+    def _coupling_transform_inverse(self, inputs, transform_params):
+        s, t = self._log_scale_and_shift(transform_params)
+        return (inputs - t) * torch.exp(-s), -sum_except_batch(s)
+
+
+_COUPLING_CLASSES = {
+    "affine": AffineCouplingTransform,
+    "additive": AdditiveCouplingTransform,
+    "clamped-affine": ClampedAffineCoupling,
+}
+
+
+def _alternating_mask(num_channels: int, index: int) -> list[int]:
+    """nflows mask: step 0 transforms the second half of the channels, step 1 the first, ..."""
+    half = num_channels // 2
+    second = [1 if j >= half else -1 for j in range(num_channels)]
+    return second if index % 2 == 0 else [-m for m in second]
+
+
+def glow_coupling(
+    num_channels: int,
+    index: int = 0,
+    hidden_channels: int = 64,
+    num_layers: int = 2,
+    coupling: str = "affine",
+) -> Transform:
+    """One coupling of a Glow step on ``num_channels`` channels, conditioned through a
+    :class:`~flowkit.layers.GatedConvNet` (zero-initialised last conv).
+
+    ``index`` picks the half that is transformed (alternates between steps).
+    ``coupling``: ``"affine"`` (nflows ``AffineCouplingTransform``, Glow's
+    ``z_b = x_b * (sigmoid(h + 2) + 1e-3) + t``), ``"additive"`` (nflows
+    ``AdditiveCouplingTransform``, ``z_b = x_b + t``, volume preserving) or
+    ``"clamped-affine"`` (:class:`ClampedAffineCoupling`).
+    """
+    if coupling not in _COUPLING_CLASSES:
+        raise ValueError(f"coupling: expected one of {COUPLINGS}, got {coupling!r}")
+    if not isinstance(num_channels, int) or num_channels < 2:
+        raise ValueError(f"num_channels: a coupling splits channels, so at least 2 are needed; got {num_channels!r}")
+    return _COUPLING_CLASSES[coupling](_alternating_mask(num_channels, index), gated_conv_net(hidden_channels, num_layers))
+
+
+def glow_step(
+    num_channels: int,
+    index: int = 0,
+    hidden_channels: int = 64,
+    num_layers: int = 2,
+    coupling: str = "affine",
+) -> CompositeTransform:
+    """One step of flow: ``ActNorm -> OneByOneConvolution (LU) -> coupling`` (nflows parts)."""
+    return CompositeTransform(
+        [
+            ActNorm(num_channels),
+            OneByOneConvolution(num_channels),
+            glow_coupling(num_channels, index, hidden_channels, num_layers, coupling),
+        ]
+    )
+
+
+class GlowLevelPlan(tuple):
+    """``(level, input_shape, squeezed_shape, output_shape)`` of one Glow level (1-based);
+    ``output_shape`` is what goes on to the next level (``None`` for the last)."""
+
+    __slots__ = ()
+
+    def __new__(cls, level, input_shape, squeezed_shape, output_shape):
+        return super().__new__(cls, (level, input_shape, squeezed_shape, output_shape))
+
+    level = property(lambda self: self[0])
+    input_shape = property(lambda self: self[1])
+    squeezed_shape = property(lambda self: self[2])
+    output_shape = property(lambda self: self[3])
+
+
+def _fmt(shape) -> str:
+    return "x".join(str(s) for s in shape)
+
+
+def _two_adic(n: int) -> int:
+    k = 0
+    while n % 2 == 0 and n > 0:
+        n //= 2
+        k += 1
+    return k
+
+
+def plan_glow_levels(
+    image_shape: Sequence[int], levels: int, original_shape: Sequence[int] | None = None
+) -> list[GlowLevelPlan]:
+    """Shapes of every Glow level for (already padded) ``image_shape``, or a ``ValueError``.
+
+    Each level squeezes ``(C, H, W) -> (4C, H/2, W/2)``; all but the last then split off half
+    the channels: ``-> (2C, H/2, W/2)``.  ``original_shape`` (before padding) is used to
+    suggest a ``pad_to`` in the error message.
+
+    Example:
+        >>> [p.squeezed_shape for p in plan_glow_levels((1, 8, 8), 3)]
+        [(4, 4, 4), (8, 2, 2), (16, 1, 1)]
+    """
+    c, h, w = (int(s) for s in image_shape)
+    _, oh, ow = (int(s) for s in (original_shape or image_shape))
+    max_levels = min(_two_adic(h), _two_adic(w))
+    plans = []
+    for level in range(1, levels + 1):
+        if h % 2 or w % 2:
+            odd = " and ".join(sorted({str(s) for s in (h, w) if s % 2}))
+            step = 2**levels
+            pad = (math.ceil(oh / step) * step, math.ceil(ow / step) * step)
+            fixes = ([f"levels<={max_levels}"] if max_levels >= 1 else []) + [f"pad_to={pad}"]
+            raise ValueError(f"glow: level {level} cannot squeeze {_fmt((c, h, w))} ({odd} is odd); use " + " or ".join(fixes))
+        squeezed = (4 * c, h // 2, w // 2)
+        if squeezed[0] % 2:  # cannot happen after a squeeze; kept as the invariant the split needs
+            raise ValueError(f"glow: level {level} cannot split {squeezed[0]} channels in half (shape {_fmt(squeezed)})")
+        out = (squeezed[0] // 2, squeezed[1], squeezed[2]) if level < levels else None
+        plans.append(GlowLevelPlan(level, (c, h, w), squeezed, out))
+        if out is not None:
+            c, h, w = out
+    return plans
+
+
+def _check_int(name: str, value, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+
+
+def glow(
+    image_shape: Sequence[int],
+    levels: int = 3,
+    steps_per_level: int = 8,
+    hidden_channels: int = 64,
+    num_layers: int = 2,
+    dequantization: str = "variational",
+    num_levels: int = 256,
+    coupling: str = "affine",
+    pad_to: Sequence[int] | None = None,
+    pad_value: int = 0,
+    memory_saving: bool = False,
+) -> ImageFlow:
+    """A Glow for integer images, as an :class:`ImageFlow`.
+
+    Per level: ``SqueezeTransform -> steps_per_level x [ActNorm, OneByOneConvolution (LU),
+    coupling with a GatedConvNet] -> split`` (nflows parts, assembled with nflows'
+    ``MultiscaleCompositeTransform``, so latents come out flattened; ``model.level_shapes``
+    lists each level's latent shape).  ``log p(x) = log N(z) + log|det dz/dx|``.
+
+    Args:
+        image_shape: ``(C, H, W)`` of the data.
+        levels: number of squeeze/steps/split levels ``L``; H and W (after padding) must be
+            divisible by ``2**L``.
+        steps_per_level: ``K``, steps of flow per level.
+        hidden_channels: width of each coupling's GatedConvNet.
+        num_layers: gated residual blocks per GatedConvNet.
+        dequantization: ``"variational"`` (the tutorial's: 4 conditional checkerboard
+            couplings, 16 hidden) or ``"uniform"``.
+        num_levels: discrete values per pixel (256 for 8-bit images, 17 for sklearn digits).
+        coupling: ``"affine"`` (nflows, Glow's sigmoid scale), ``"additive"`` (nflows) or
+            ``"clamped-affine"`` (:class:`ClampedAffineCoupling`, identity at init).
+        pad_to: ``(H', W')`` to pad images to (centred, constant ``pad_value``) before
+            dequantization so that every squeeze sees even sides; ``sample``/``decode``
+            crop back, and ``bpd`` is divided by the *original* ``C*H*W`` (see
+            :class:`ImageFlow`).
+        pad_value: the level the padding pixels take.
+        memory_saving: wrap each level's K steps in
+            :class:`flowkit.layers.memory_saving.MemorySavingComposite` (recomputes
+            activations in the backward pass instead of storing them).
+
+    Returns:
+        An :class:`ImageFlow`; call ``model.initialize(batch)`` on real data before training
+        (ActNorm's data-dependent initialisation).
+
+    Raises:
+        ValueError: for an impossible configuration, naming the level, its shape and a fix.
+
+    Example:
+        >>> import torch
+        >>> model = glow((1, 8, 8), levels=2, steps_per_level=1, hidden_channels=8, num_levels=17)
+        >>> model.level_shapes
+        [(2, 4, 4), (8, 2, 2)]
+        >>> model.sample(2).shape
+        torch.Size([2, 1, 8, 8])
+    """
+    shape = tuple(image_shape) if isinstance(image_shape, (tuple, list, torch.Size)) else None
+    if shape is None or len(shape) != 3 or not all(isinstance(s, int) and s >= 1 for s in shape):
+        raise ValueError(f"image_shape: expected (channels, height, width) as positive ints, got {image_shape!r}")
+    _check_int("levels", levels, 1)
+    _check_int("steps_per_level", steps_per_level, 1)
+    _check_int("hidden_channels", hidden_channels, 1)
+    _check_int("num_layers", num_layers, 0)
+    _check_int("num_levels", num_levels, 2)
+    if dequantization not in DEQUANTIZATIONS:
+        raise ValueError(f"dequantization: expected one of {DEQUANTIZATIONS}, got {dequantization!r}")
+    if coupling not in COUPLINGS:
+        raise ValueError(f"coupling: expected one of {COUPLINGS}, got {coupling!r}")
+    if not isinstance(memory_saving, bool):
+        raise TypeError(f"memory_saving: expected a bool, got {type(memory_saving).__name__}")
+    padded_shape, _ = _padding(shape, pad_to)
+    plans = plan_glow_levels(padded_shape, levels, original_shape=shape)
+
+    composite = CompositeTransform
+    if memory_saving:
+        try:
+            from flowkit.layers.memory_saving import MemorySavingComposite
+        except ImportError as err:
+            raise RuntimeError(
+                "memory_saving=True needs flowkit.layers.memory_saving.MemorySavingComposite, which "
+                f"could not be imported ({err}); use memory_saving=False"
+            ) from err
+        composite = MemorySavingComposite
+
+    flow = MultiscaleCompositeTransform(levels)
+    for plan in plans:
+        channels = plan.squeezed_shape[0]
+        steps = composite(
+            [glow_step(channels, i, hidden_channels, num_layers, coupling) for i in range(steps_per_level)]
+        )
+        flow.add_transform(CompositeTransform([SqueezeTransform(), steps]), plan.squeezed_shape)
+
+    c, h, w = padded_shape
+    if dequantization == "variational":
+        deq = _variational_dequantization(c, h, w, num_levels)
+    else:
+        deq = Dequantization(num_levels=num_levels)
+    return ImageFlow(deq, flow, shape, pad_to=pad_to, pad_value=pad_value)
