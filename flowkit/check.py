@@ -317,3 +317,57 @@ def _case_memory_saving() -> LayerCase:
         mask = [1, 1, -1, -1] if i % 2 == 0 else [-1, -1, 1, 1]
         steps += [ActNorm(4), OneByOneConvolution(4), AffineCouplingTransform(mask, gated_conv_net(8, 1))]
     return LayerCase(MemorySavingComposite(steps), _floats(3, 4, 2, 2))
+
+
+@register_case("glow flow (2 levels)")
+def _case_glow_flow() -> LayerCase:
+    from flowkit.models import glow
+
+    model = glow((1, 4, 4), levels=2, steps_per_level=2, hidden_channels=8, num_layers=1, dequantization="uniform")
+    return LayerCase(model.flow, _floats(2, 1, 4, 4))
+
+
+# -- flowkit.bridge: normflows flows as nflows Transforms (and back) -----------------------
+
+
+@register_case("bridge.to_nflows(nf.AffineCouplingBlock)")
+def _case_bridge_affine() -> LayerCase:
+    import normflows as nf
+
+    from flowkit.bridge import to_nflows
+
+    return LayerCase(to_nflows(nf.flows.AffineCouplingBlock(nf.nets.MLP([2, 8, 4], init_zeros=True))), _floats(3, 4))
+
+
+@register_case("bridge.to_nflows(nf.CoupledRQSpline)")
+def _case_bridge_spline() -> LayerCase:
+    import normflows as nf
+
+    from flowkit.bridge import to_nflows
+
+    return LayerCase(to_nflows(nf.flows.CoupledRationalQuadraticSpline(2, 1, 8, num_bins=4)), _floats(3, 2))
+
+
+@register_case("bridge.to_nflows(nf.MaskedAffineFlow)")
+def _case_bridge_masked_affine() -> LayerCase:
+    # (normflows' Planar(act="leaky_relu") inverts too, but computes its slope in float32)
+    import normflows as nf
+
+    from flowkit.bridge import to_nflows
+
+    mask = torch.tensor([1.0, 0.0])
+    flow = nf.flows.MaskedAffineFlow(mask, t=nf.nets.MLP([2, 8, 2], init_zeros=True), s=nf.nets.MLP([2, 8, 2], init_zeros=True))
+    return LayerCase(to_nflows(flow), _floats(3, 2))
+
+
+@register_case("bridge.to_nflows(to_normflows(RQ coupling))")
+def _case_bridge_roundtrip() -> LayerCase:
+    from nflows.nn.nets import ResidualNet
+    from nflows.transforms import PiecewiseRationalQuadraticCouplingTransform
+
+    from flowkit.bridge import to_nflows, to_normflows
+
+    inner = PiecewiseRationalQuadraticCouplingTransform(
+        torch.tensor([1, 0]), lambda i, o: ResidualNet(i, o, 8, num_blocks=1), num_bins=4, tails="linear", tail_bound=3.0
+    )
+    return LayerCase(to_nflows(to_normflows(inner)), _floats(3, 2))

@@ -16,6 +16,11 @@ __all__ = ["main", "build_parser", "COMMAND_MODULES"]
 COMMAND_MODULES = (
     "flowkit.commands.check",
     "flowkit.commands.demo",
+    "flowkit.commands.fit2d",
+    "flowkit.commands.train",
+    "flowkit.commands.evaluate",
+    "flowkit.commands.sample",
+    "flowkit.commands.analyze",
 )
 
 

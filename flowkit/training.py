@@ -381,6 +381,8 @@ def train(config: TrainConfig) -> dict:
                              "use the same --model/--model-kwargs/--data or another --out")
         model.train()
     else:
+        for stale in (last_path, best_path):  # a fresh run never mixes with an older one
+            stale.unlink(missing_ok=True)
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)
         random.seed(config.seed)
@@ -439,9 +441,9 @@ def train(config: TrainConfig) -> dict:
                 continue
             optimizer.step()
             consecutive = 0
-            total += float(loss) * x.shape[0]
+            total += float(loss.detach()) * x.shape[0]
             count += x.shape[0]
-            bar.set_postfix(bpd=f"{float(loss):.3f}")
+            bar.set_postfix(bpd=f"{float(loss.detach()):.3f}")
         scheduler.step()
         skipped_total += skipped
         val_bpd = evaluate(model, val_loader, importance_samples=1, max_batches=config.max_eval_batches)

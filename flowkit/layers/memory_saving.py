@@ -37,30 +37,46 @@ Rules:
 * ``state_dict`` keys are those of ``CompositeTransform`` (``_transforms.<i>....``), so a
   checkpoint moves between the plain and the memory-saving model.
 
-Numerical drift.  The rebuilt inputs ``f^{-1}(f(x))`` differ from the true ones by
-round-off, which compounds through the reverse walk.  Measured with
-``python benchmarks/bench_memory.py --drift`` (Glow steps ActNorm -> 1x1 conv -> affine
-coupling with ``gated_conv_net(16, 1)`` on ``[4, 8, 8, 8]`` inputs, parameters perturbed with
-``perturb_parameters(scale=0.1)``, ActNorm initialised on the batch, loss = mean NLL
-under N(0, I)), max over inputs and parameters of
-``|g_saving - g_plain| / max|g_plain|`` per tensor:
+Numerical drift.  The rebuilt inputs ``f^-1(f(x))`` differ from the true ones by round-off,
+and the reverse walk compounds it by the condition numbers of the steps.  Measured with
+``python benchmarks/bench_memory.py --drift`` on a 2-core CPU: K Glow steps (nflows
+``ActNorm -> OneByOneConvolution -> AffineCouplingTransform`` with ``gated_conv_net(16, 1)``)
+on ``[4, 8, 8, 8]`` inputs, parameters perturbed with ``perturb_parameters(scale=p)``
+(larger ``p``: couplings further from the identity, worse conditioned), ActNorm initialised
+on the batch, loss = mean NLL under N(0, I).  "grad" = max over the input and every
+parameter of ``max|g_saving - g_plain| / max|g_plain|``; "roundtrip" =
+``max|f^-1(f(x)) - x| / max|x|`` of the whole stack; "f32 itself" = plain float32 vs plain
+float64 gradients (float32's own error, for scale):
 
-=====  ==================  ==================
-steps  float32 (max rel)   float64 (max rel)
-=====  ==================  ==================
-8      1.4e-06             2.6e-15
-32     3.5e-06             4.6e-15
-64     4.7e-06             6.4e-15
-=====  ==================  ==================
+===  ===  ==========  ==========  ============  ============  ==========
+p    K    grad f32    grad f64    roundtrip32   roundtrip64   f32 itself
+===  ===  ==========  ==========  ============  ============  ==========
+.01  8    1.2e-06     3.3e-16     4.0e-07       1.1e-15       3.5e-06
+.01  32   1.6e-06     1.1e-15     9.2e-07       2.0e-15       5.7e-06
+.01  64   2.5e-06     1.7e-15     1.5e-06       3.6e-15       8.0e-06
+.03  8    8.4e-07     7.2e-16     7.6e-07       1.2e-15       1.6e-06
+.03  32   8.8e-06     8.1e-15     7.5e-06       1.2e-14       2.5e-06
+.03  64   2.8e-04     1.8e-13     2.1e-04       3.6e-13       4.9e-06
+.1   8    6.4e-05     1.2e-13     1.1e-04       2.6e-13       2.3e-06
+.1   32   9.4e+02     8.7e-05     8.6e+03       1.4e-04       4.8e-05
+.1   64   9.8e+06     2.9e+04     4.1e+10       1.6e+05       3.4e-04
+===  ===  ==========  ==========  ============  ============  ==========
 
-so float32 drift grows slowly with depth (a few 1e-6 at 64 steps, at the level of float32
-round-off of plain autograd itself); float64 agrees to ~1e-14.  Ill-conditioned steps
-(log-scales near their clamps, nearly singular 1x1 convolutions) amplify the drift.
+So: with well-conditioned steps the float32 drift stays at the level of float32's own
+error even at 64 steps (float64 agrees to ~1e-15); but the drift tracks the stack's
+round-trip error, and a stack whose steps contract strongly (nflows' affine scale
+``sigmoid(h + 2) + 1e-3`` can reach 1e-3) becomes numerically non-invertible: at p=0.1
+and 32 steps float32 gradients are garbage, and at 64 steps even float64 fails.  Guard
+against it with ``max_reconstruction_error`` (checks the rebuilt input in every backward
+and warns), by splitting a deep stack into several shorter composites (each stores its
+output; memory then grows with the number of composites, not of steps), or by monitoring
+``flowkit.check_transform(flow, batch).roundtrip_error`` during training.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Iterable
 
 import torch
@@ -92,11 +108,13 @@ class _InvertibleSequence(torch.autograd.Function):
 
     ``steps`` is a list of ``(module, apply, rebuild)``: ``apply(x, context) -> (y, ladj)``
     is the step in the direction being computed, ``rebuild(y, context) -> (x, _)`` its
-    inverse.  ``params`` are the composite's parameters that require grad.
+    inverse.  ``params`` are the composite's parameters that require grad.  ``monitor`` is
+    ``None`` or the composite: then ``inputs`` are stored too and the backward pass compares
+    them with their reconstruction (``monitor.max_reconstruction_error``).
     """
 
     @staticmethod
-    def forward(ctx, steps, inputs, context, *params):  # runs under no_grad
+    def forward(ctx, steps, monitor, inputs, context, *params):  # runs under no_grad
         outputs = inputs
         total = inputs.new_zeros(inputs.shape[0])
         for _, apply, _ in steps:
@@ -105,24 +123,26 @@ class _InvertibleSequence(torch.autograd.Function):
         if _shares_storage(outputs, inputs):  # e.g. only reshapes: do not return a view of an input
             outputs = outputs.clone()
         ctx.steps = steps
+        ctx.monitor = monitor
         ctx.params = params
         ctx.has_context = isinstance(context, torch.Tensor)
         ctx.autocast = (inputs.device.type, _autocast_state(inputs.device.type))
-        if ctx.has_context:
-            ctx.save_for_backward(outputs, context)
-        else:
-            ctx.save_for_backward(outputs)
+        if not ctx.has_context:
             ctx.context = context  # None (or a non-tensor context, passed through as is)
+        ctx.save_for_backward(
+            outputs, *([inputs] if monitor is not None else []), *([context] if ctx.has_context else [])
+        )
         return outputs, total
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_outputs, grad_logabsdet):
-        saved = ctx.saved_tensors
-        y = saved[0].detach()
-        want_context = ctx.has_context and ctx.needs_input_grad[2]
+        saved = list(ctx.saved_tensors)
+        y = saved.pop(0).detach()
+        true_inputs = saved.pop(0) if ctx.monitor is not None else None
+        want_context = ctx.has_context and ctx.needs_input_grad[3]
         if ctx.has_context:
-            context = saved[1].detach().requires_grad_(want_context)
+            context = saved.pop(0).detach().requires_grad_(want_context)
         else:
             context = ctx.context
         index = {id(p): i for i, p in enumerate(ctx.params)}
@@ -140,7 +160,7 @@ class _InvertibleSequence(torch.autograd.Function):
             module, apply, rebuild = steps[k]
             with torch.no_grad():
                 x, _ = rebuild(y, context)
-            need_x = k > 0 or ctx.needs_input_grad[1]
+            need_x = k > 0 or ctx.needs_input_grad[2]
             x = x.detach().requires_grad_(need_x)
             step_params = [p for p in module.parameters() if id(p) in index]
             wrt = ([x] if need_x else []) + step_params + ([context] if want_context else [])
@@ -167,8 +187,26 @@ class _InvertibleSequence(torch.autograd.Function):
                     param_grads[i] = g if param_grads[i] is None else param_grads[i] + g
             y = x.detach()
             del y_again, ladj, pairs, grads
-        input_grad = grad_y if ctx.needs_input_grad[1] else None
-        return (None, input_grad, context_grad, *param_grads)
+        if true_inputs is not None:
+            _report_reconstruction(ctx.monitor, y, true_inputs)
+        input_grad = grad_y if ctx.needs_input_grad[2] else None
+        return (None, None, input_grad, context_grad, *param_grads)
+
+
+def _report_reconstruction(monitor, rebuilt: torch.Tensor, true_inputs: torch.Tensor) -> None:
+    scale = true_inputs.abs().max().clamp_min(torch.finfo(true_inputs.dtype).tiny)
+    error = ((rebuilt - true_inputs).abs().max() / scale).item()
+    monitor.last_reconstruction_error = error
+    if not error <= monitor.max_reconstruction_error:  # also catches nan
+        warnings.warn(
+            f"MemorySavingComposite: the input rebuilt in the backward pass differs from the true "
+            f"input by {error:.2e} (relative), above max_reconstruction_error="
+            f"{monitor.max_reconstruction_error:g}; the stack is numerically ill-conditioned and its "
+            "gradients are unreliable. Split it into shorter MemorySavingComposites or train without "
+            "memory saving.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
 
 def _rejection(module: nn.Module) -> str | None:
@@ -200,6 +238,12 @@ class MemorySavingComposite(Transform):
             ``OneByOneConvolution``, ``AffineCouplingTransform`` /
             ``AdditiveCouplingTransform``; :class:`~flowkit.layers.MaskedAffineCoupling`;
             ``SqueezeTransform``; ``CompositeTransform`` of those), applied in order.
+        max_reconstruction_error: if set, the input is stored as well (one more activation,
+            still independent of depth) and every memory-saving backward compares it with
+            its reconstruction ``f^-1(f(x))``; the relative error
+            ``max|x_rebuilt - x| / max|x|`` is kept in ``last_reconstruction_error`` and a
+            ``RuntimeWarning`` is issued when it exceeds this value (``1e-3`` is a sensible
+            float32 choice).  Costs one device sync per backward.  ``None``: no check.
 
     Raises:
         TypeError: an element is not an nflows ``Transform``.
@@ -214,8 +258,18 @@ class MemorySavingComposite(Transform):
         >>> (z.square().sum() - ladj.sum()).backward()
     """
 
-    def __init__(self, transforms: Iterable[Transform]):
+    def __init__(self, transforms: Iterable[Transform], max_reconstruction_error: float | None = None):
         super().__init__()
+        if max_reconstruction_error is not None and (
+            isinstance(max_reconstruction_error, bool)
+            or not isinstance(max_reconstruction_error, (int, float))
+            or not max_reconstruction_error > 0
+        ):
+            raise ValueError(
+                f"max_reconstruction_error: expected a positive float or None, got {max_reconstruction_error!r}"
+            )
+        self.max_reconstruction_error = max_reconstruction_error
+        self.last_reconstruction_error: float | None = None
         if isinstance(transforms, (Transform, torch.Tensor)) or not isinstance(transforms, Iterable):
             raise TypeError(f"transforms: expected a list of nflows Transforms, got {type(transforms).__name__}")
         transforms = list(transforms)
@@ -255,11 +309,14 @@ class MemorySavingComposite(Transform):
             with torch.no_grad():  # data-dependent init, in order, on this batch
                 CompositeTransform._cascade(inputs, self._transforms, context)
         steps = [(t, t, t.inverse) for t in self._transforms]
-        return _InvertibleSequence.apply(steps, inputs, context, *self._params())
+        return _InvertibleSequence.apply(steps, self._monitor(), inputs, context, *self._params())
 
     def inverse(self, inputs: torch.Tensor, context=None):
         if not self._wants_saving(inputs, context) or self._actnorms_uninitialized():
             funcs = (t.inverse for t in self._transforms[::-1])
             return CompositeTransform._cascade(inputs, funcs, context)
         steps = [(t, t.inverse, t) for t in reversed(self._transforms)]
-        return _InvertibleSequence.apply(steps, inputs, context, *self._params())
+        return _InvertibleSequence.apply(steps, self._monitor(), inputs, context, *self._params())
+
+    def _monitor(self):
+        return None if self.max_reconstruction_error is None else self

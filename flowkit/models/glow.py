@@ -14,7 +14,7 @@ message naming level 3, its ``4x7x7`` input, and the fixes (``levels<=2`` or
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from nflows.transforms import (
@@ -136,19 +136,14 @@ def glow_step(
     )
 
 
-class GlowLevelPlan(tuple):
-    """``(level, input_shape, squeezed_shape, output_shape)`` of one Glow level (1-based);
-    ``output_shape`` is what goes on to the next level (``None`` for the last)."""
+class GlowLevelPlan(NamedTuple):
+    """Shapes of one Glow level (``level`` is 1-based); ``output_shape`` is what goes on to
+    the next level after the split (``None`` for the last level, which does not split)."""
 
-    __slots__ = ()
-
-    def __new__(cls, level, input_shape, squeezed_shape, output_shape):
-        return super().__new__(cls, (level, input_shape, squeezed_shape, output_shape))
-
-    level = property(lambda self: self[0])
-    input_shape = property(lambda self: self[1])
-    squeezed_shape = property(lambda self: self[2])
-    output_shape = property(lambda self: self[3])
+    level: int
+    input_shape: tuple[int, int, int]
+    squeezed_shape: tuple[int, int, int]
+    output_shape: tuple[int, int, int] | None
 
 
 def _fmt(shape) -> str:

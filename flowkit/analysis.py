@@ -1,0 +1,467 @@
+"""The image-flow tutorial's analyses, each written as a PNG.
+
+* :func:`plot_dequantization_distribution`: the density over the logit ``z`` that uniform
+  dequantization of ``K`` levels (with an optional prior over the levels) induces, one colour
+  per level -- ``p(z) = P(x) |dv/dz|`` with ``v = x + u`` and ``x = floor(v)``.
+* :func:`plot_dequantization_noise`: histograms of the noise ``u = v - x`` in ``[0, 1)``
+  (and of the logits ``z``) that one or more models' dequantization draws for real images:
+  flat for uniform dequantization, shaped for the variational one (Ho et al., 2019).
+* :func:`plot_interpolation`: images decoded along straight lines between the latents of
+  image pairs (:meth:`ImageFlow.interpolate`).
+* :func:`plot_shared_final_latent`: for a multiscale flow, rows of samples that share the
+  final level's latent while every early split-off gets fresh noise.
+* :func:`plot_temperature_sweep`: samples from ``N(0, T^2 I)`` for several ``T``, the same
+  base noise in every row.
+
+:func:`analyze` runs every analysis that applies to a model (``flowkit analyze`` calls it).
+Pictures have a fixed size in pixels (stated in each docstring, at ``dpi=100``), so tests can
+check them.  matplotlib is imported inside the functions that draw.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from flowkit.layers.dequantization import Dequantization
+from flowkit.models.image_flow import ImageFlow
+from flowkit.viz import atomic_savefig, image_grid
+
+__all__ = [
+    "dequantization_density",
+    "dequantization_noise",
+    "plot_dequantization_distribution",
+    "plot_dequantization_noise",
+    "plot_interpolation",
+    "plot_shared_final_latent",
+    "plot_temperature_sweep",
+    "shared_final_latent_samples",
+    "temperature_sweep_samples",
+    "analyze",
+    "DPI",
+]
+
+#: resolution of every picture written here (figure sizes are whole pixels at this dpi)
+DPI = 100
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _check_model(model, name: str = "model") -> ImageFlow:
+    if not isinstance(model, ImageFlow):
+        raise TypeError(f"{name}: expected a flowkit ImageFlow, got {type(model).__name__}")
+    return model
+
+
+def _check_positive_int(name: str, value, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+    return value
+
+
+# -- dequantization distribution (the tutorial's figure) ---------------------------------------
+def dequantization_density(
+    num_levels: int,
+    prior: Sequence[float] | None = None,
+    z_range: tuple[float, float] = (-4.0, 4.0),
+    num_points: int = 801,
+    alpha: float = 1e-5,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Density over the logit ``z`` induced by uniform dequantization of ``num_levels`` levels.
+
+    ``p(z) = P(x) * |dv/dz|`` with ``v = x + u``, ``u ~ U[0, 1)``, ``x = floor(v)`` and
+    ``z = logit(squeeze(v / K))`` (:class:`~flowkit.layers.ScaledLogit`).
+
+    Args:
+        num_levels: ``K``.
+        prior: probabilities of the ``K`` levels (normalised here); ``None`` for uniform.
+        z_range: interval of ``z`` to evaluate.
+        num_points: grid points.
+        alpha: the logit squeeze of the dequantization.
+
+    Returns:
+        ``(z, density, level)`` arrays of length ``num_points``; ``level`` is the integer
+        value each ``z`` decodes to.
+
+    Example:
+        >>> z, p, x = dequantization_density(8, num_points=4001, z_range=(-12.0, 12.0))
+        >>> bool(abs(float(((p[1:] + p[:-1]) / 2 * np.diff(z)).sum()) - 1.0) < 1e-2)
+        True
+    """
+    _check_positive_int("num_levels", num_levels, 2)
+    _check_positive_int("num_points", num_points, 2)
+    lo, hi = (float(v) for v in z_range)
+    if not hi > lo:
+        raise ValueError(f"z_range: expected (low, high) with high > low, got {z_range!r}")
+    if prior is None:
+        p = np.full(num_levels, 1.0 / num_levels)
+    else:
+        p = np.asarray(prior, dtype=np.float64)
+        if p.shape != (num_levels,) or not np.all(np.isfinite(p)) or np.any(p < 0) or p.sum() <= 0:
+            raise ValueError(
+                f"prior: expected {num_levels} non-negative finite weights, got {np.asarray(prior).tolist()!r}"
+            )
+        p = p / p.sum()
+    deq = Dequantization(num_levels=num_levels, alpha=alpha).double()
+    z = torch.linspace(lo, hi, num_points, dtype=torch.float64).view(-1, 1, 1, 1)
+    x, log_dv_dz = deq.inverse(z)
+    level = x.view(-1).numpy()
+    density = np.exp(log_dv_dz.numpy()) * p[level]
+    return z.view(-1).numpy(), density, level
+
+
+def plot_dequantization_distribution(
+    path: str | os.PathLike,
+    num_levels: int = 8,
+    prior: Sequence[float] | None = None,
+    z_range: tuple[float, float] = (-4.0, 4.0),
+    title: str | None = None,
+) -> Path:
+    """The tutorial's dequantization figure: ``p(z)`` of :func:`dequantization_density`, the
+    area over each level's interval of ``z`` filled in its own colour.
+
+    Writes a 600x300 PNG; returns its path.
+    """
+    z, density, level = dequantization_density(num_levels, prior, z_range)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ticks = []
+    for k in np.unique(level):
+        idx = np.flatnonzero(level == k)
+        color = plt.cm.tab10(int(k) % 10)
+        ax.fill_between(z[idx], density[idx], 0.0, color=color, alpha=0.5, label=str(int(k)))
+        ax.plot([z[idx[0]]] * 2, [0, density[idx[0]]], color=color)
+        ticks.append(z[idx[0]])
+    ticks.append(z[-1])
+    ax.plot(z, density, color="black", linewidth=1)
+    if num_levels <= 10:  # the tutorial marks every level's boundary; with more levels they crowd
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([f"{t:.1f}" for t in ticks], fontsize=7)
+    ax.set_xlim(z[0], z[-1])
+    ax.set_ylim(0, density.max() * 1.1)
+    ax.set_xlabel("z")
+    ax.set_ylabel("density")
+    ax.set_title(title or f"Dequantization distribution for {num_levels} levels" + (" (with prior)" if prior is not None else ""), fontsize=9)
+    ax.legend(fontsize=6, ncol=2 if num_levels > 8 else 1, loc="upper right")
+    fig.tight_layout()
+    out = atomic_savefig(fig, path, dpi=DPI)
+    plt.close(fig)
+    return out
+
+
+# -- learned dequantization noise ---------------------------------------------------------------
+@torch.no_grad()
+def dequantization_noise(model: ImageFlow | Dequantization, images: torch.Tensor, repeats: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise ``u`` and logits ``z`` a model's dequantization draws for ``images``.
+
+    ``z = dequantization(x)`` (``repeats`` draws per image) and ``u = v - x`` with
+    ``v = logit^-1(z)`` the dequantized value in ``[x, x + 1)``.
+
+    Args:
+        model: an :class:`ImageFlow` (its ``dequantization`` is used, after padding the
+            images as the model does) or a :class:`~flowkit.layers.Dequantization`.
+        images: integer images ``[B, C, H, W]``.
+        repeats: noise draws per image.
+
+    Returns:
+        ``(u, z)``: two flat float64 CPU tensors of ``repeats * images.numel()`` values
+        (padded images: ``u`` of the padding pixels included).
+    """
+    _check_positive_int("repeats", repeats)
+    if isinstance(model, ImageFlow):
+        deq = model.dequantization
+        x = model.pad(model._check_images(images, "images"))
+    elif isinstance(model, Dequantization):
+        deq = model
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"images: expected a tensor of integer images, got {type(images).__name__}")
+        x = images.to(deq._dtype_ref.device)
+    else:
+        raise TypeError(f"model: expected an ImageFlow or a Dequantization, got {type(model).__name__}")
+    was_training = deq.training
+    deq.eval()
+    try:
+        us, zs = [], []
+        for _ in range(repeats):
+            z, _ = deq(x)
+            v, _ = deq.logit.inverse(z)
+            us.append((v - x.to(v.dtype)).reshape(-1).double().cpu())
+            zs.append(z.reshape(-1).double().cpu())
+    finally:
+        deq.train(was_training)
+    return torch.cat(us), torch.cat(zs)
+
+
+def plot_dequantization_noise(
+    models: Mapping[str, ImageFlow | Dequantization] | ImageFlow,
+    images: torch.Tensor,
+    path: str | os.PathLike,
+    repeats: int = 8,
+    bins: int = 64,
+) -> tuple[Path, dict[str, dict[str, float]]]:
+    """Histograms of dequantization noise ``u`` (left) and logits ``z`` (right), one row per model.
+
+    The tutorial compares uniform with variational dequantization this way: uniform noise is
+    flat on ``[0, 1)``; a learned ``q(u | x)`` is smooth and shaped by the data.
+
+    Args:
+        models: ``{"uniform": model_a, "variational": model_b}`` (or one model).
+        images: integer images ``[B, C, H, W]`` (real data: the noise depends on ``x``).
+        path: PNG to write; 800 x (40 + 220 * rows) pixels.
+        repeats: noise draws per image.
+        bins: histogram bins.
+
+    Returns:
+        ``(path, stats)`` with ``stats[name] = {"u_mean", "u_std", "z_mean", "z_std"}``
+        (a uniform ``u`` has mean 0.5 and std ``1/sqrt(12) = 0.289``).
+    """
+    if isinstance(models, (ImageFlow, Dequantization)):
+        models = {"model": models}
+    if not isinstance(models, Mapping) or not models:
+        raise ValueError(f"models: expected a non-empty mapping name -> model, got {type(models).__name__}")
+    _check_positive_int("bins", bins, 2)
+    data = {name: dequantization_noise(m, images, repeats) for name, m in models.items()}
+    stats = {
+        name: {"u_mean": float(u.mean()), "u_std": float(u.std()), "z_mean": float(z.mean()), "z_std": float(z.std())}
+        for name, (u, z) in data.items()
+    }
+    plt = _pyplot()
+    rows = len(data)
+    fig, axes = plt.subplots(rows, 2, figsize=(8, (40 + 220 * rows) / DPI), squeeze=False)
+    for r, (name, (u, z)) in enumerate(data.items()):
+        ax_u, ax_z = axes[r]
+        ax_u.hist(u.numpy(), bins=bins, range=(0.0, 1.0), density=True, color="C0", alpha=0.6, edgecolor="C0")
+        ax_u.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+        ax_u.set_xlim(0, 1)
+        ax_u.set_title(f"{name}: noise u (mean {stats[name]['u_mean']:.3f}, std {stats[name]['u_std']:.3f})", fontsize=8)
+        ax_z.hist(z.numpy(), bins=4 * bins, density=True, color="C1", alpha=0.6, edgecolor="C1")
+        ax_z.set_title(f"{name}: dequantized logits z", fontsize=8)
+        for ax in (ax_u, ax_z):
+            ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    out = atomic_savefig(fig, path, dpi=DPI)
+    plt.close(fig)
+    return out, stats
+
+
+# -- image grids with row labels ----------------------------------------------------------------
+def _save_rows(
+    images: torch.Tensor,
+    path: str | os.PathLike,
+    num_levels: int,
+    ncol: int,
+    row_labels: Sequence[str] | None = None,
+    title: str | None = None,
+    zoom: int | None = None,
+) -> Path:
+    """Integer images as a grid with ``ncol`` columns, optional labels left of each row.
+
+    Size: ``(label + zoom * grid_w) x (title + zoom * grid_h)`` pixels, where ``label`` is
+    60 px with row labels (else 0), ``title`` 24 px with a title (else 0) and
+    ``grid_w = ncol * (W + 1) + 1`` (see :func:`flowkit.viz.image_grid`).
+    """
+    grid = image_grid(images, num_levels, nrow=ncol)
+    gh, gw = grid.shape[:2]
+    if zoom is None:
+        zoom = max(1, 48 // max(images.shape[-2:]))  # ~48 px per image side
+    label_px = 60 if row_labels else 0
+    title_px = 24 if title else 0
+    width, height = label_px + zoom * gw, title_px + zoom * gh
+    plt = _pyplot()
+    fig = plt.figure(figsize=(width / DPI, height / DPI))
+    ax = fig.add_axes([label_px / width, 0, zoom * gw / width, zoom * gh / height])
+    ax.imshow(grid[..., 0] if grid.shape[2] == 1 else grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks([])
+    for side in ax.spines.values():
+        side.set_visible(False)
+    if row_labels:
+        h = images.shape[-2]
+        ax.set_yticks([1 + r * (h + 1) + (h - 1) / 2 for r in range(len(row_labels))])
+        ax.set_yticklabels(list(row_labels), fontsize=7)
+        ax.tick_params(length=0)
+    else:
+        ax.set_yticks([])
+    if title:
+        fig.text(0.5, 1 - (title_px / 2) / height, title, ha="center", va="center", fontsize=8)
+    out = atomic_savefig(fig, path, dpi=DPI)
+    plt.close(fig)
+    return out
+
+
+# -- interpolation -----------------------------------------------------------------------------
+@torch.no_grad()
+def plot_interpolation(
+    model: ImageFlow,
+    images: torch.Tensor,
+    path: str | os.PathLike,
+    steps: int = 8,
+    num_pairs: int | None = None,
+    seed: int = 0,
+) -> tuple[Path, torch.Tensor]:
+    """One row per image pair ``(images[2i], images[2i+1])``: the images decoded along the
+    straight line ``z = (1 - w) z_1 + w z_2`` between their latents (:meth:`ImageFlow.interpolate`).
+
+    The first and last columns reproduce the pair exactly.  The latents of a stochastic
+    dequantization depend on its noise; ``seed`` fixes it.
+
+    Returns:
+        ``(path, grid)`` with ``grid`` the ``[pairs * steps, C, H, W]`` integer images.
+    """
+    model = _check_model(model)
+    _check_positive_int("steps", steps, 2)
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] < 2:
+        raise ValueError(f"images: expected at least two images [N>=2, C, H, W], got {getattr(images, 'shape', images)}")
+    pairs = images.shape[0] // 2 if num_pairs is None else _check_positive_int("num_pairs", num_pairs)
+    if 2 * pairs > images.shape[0]:
+        raise ValueError(f"num_pairs: {pairs} pairs need {2 * pairs} images, got {images.shape[0]}")
+    torch.manual_seed(seed)
+    rows = [model.interpolate(images[2 * i], images[2 * i + 1], steps=steps).cpu() for i in range(pairs)]
+    grid = torch.cat(rows)
+    out = _save_rows(grid, path, model.num_levels, steps, title=f"interpolation in latent space ({steps} steps)")
+    return out, grid
+
+
+# -- multiscale: shared final latent -------------------------------------------------------------
+@torch.no_grad()
+def shared_final_latent_samples(
+    model: ImageFlow,
+    num_rows: int = 3,
+    num_cols: int = 8,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Samples of a multiscale flow in rows that share the final level's latent.
+
+    The flattened latent holds the levels in :attr:`ImageFlow.level_shapes` order (early
+    split-offs first, final last); each row draws one final-level latent and gives every
+    column fresh early-level noise, all at ``temperature``.
+
+    Returns:
+        ``[num_rows * num_cols, C, H, W]`` integer images.
+
+    Raises:
+        ValueError: the model has a single level (nothing is split off early).
+    """
+    model = _check_model(model)
+    _check_positive_int("num_rows", num_rows)
+    _check_positive_int("num_cols", num_cols)
+    shapes = model.level_shapes
+    if len(shapes) < 2:
+        raise ValueError(
+            f"model: samples sharing the final latent need a multiscale flow with >= 2 levels, "
+            f"got one level of shape {shapes[0]}"
+        )
+    final = math.prod(shapes[-1])
+    z = model.sample_latents(num_rows * num_cols, temperature, generator).reshape(num_rows * num_cols, -1)
+    shared = model.sample_latents(num_rows, temperature, generator).reshape(num_rows, -1)[:, -final:]
+    z[:, -final:] = shared.repeat_interleave(num_cols, dim=0)
+    return model.decode(z.reshape(-1, *model.latent_shape))
+
+
+def plot_shared_final_latent(
+    model: ImageFlow,
+    path: str | os.PathLike,
+    num_rows: int = 3,
+    num_cols: int = 8,
+    temperature: float = 1.0,
+    seed: int = 0,
+) -> tuple[Path, torch.Tensor]:
+    """PNG of :func:`shared_final_latent_samples` (one row per final latent); returns ``(path, images)``."""
+    gen = torch.Generator(device=_check_model(model).device).manual_seed(seed)
+    images = shared_final_latent_samples(model, num_rows, num_cols, temperature, gen).cpu()
+    labels = [f"z_final #{r + 1}" for r in range(num_rows)]
+    title = f"each row shares the final latent {tuple(model.level_shapes[-1])}; early levels fresh (T={temperature:g})"
+    return _save_rows(images, path, model.num_levels, num_cols, labels, title), images
+
+
+# -- temperature sweep ---------------------------------------------------------------------------
+@torch.no_grad()
+def temperature_sweep_samples(
+    model: ImageFlow, temperatures: Sequence[float] = (0.3, 0.5, 0.7, 0.9, 1.0), num_cols: int = 8, seed: int = 0
+) -> torch.Tensor:
+    """``model.sample(num_cols, T)`` for each ``T``, re-seeded so that every row uses the same
+    base noise ``eps`` (``z = T * eps``).  Returns ``[len(temperatures) * num_cols, C, H, W]``."""
+    model = _check_model(model)
+    _check_positive_int("num_cols", num_cols)
+    temps = [float(t) for t in temperatures]
+    if not temps or not all(math.isfinite(t) and t > 0 for t in temps):
+        raise ValueError(f"temperatures: expected positive finite floats, got {list(temperatures)!r}")
+    rows = []
+    for t in temps:
+        gen = torch.Generator(device=model.device).manual_seed(seed)
+        rows.append(model.sample(num_cols, temperature=t, generator=gen).cpu())
+    return torch.cat(rows)
+
+
+def plot_temperature_sweep(
+    model: ImageFlow,
+    path: str | os.PathLike,
+    temperatures: Sequence[float] = (0.3, 0.5, 0.7, 0.9, 1.0),
+    num_cols: int = 8,
+    seed: int = 0,
+) -> tuple[Path, torch.Tensor]:
+    """PNG of :func:`temperature_sweep_samples`, one row per temperature; returns ``(path, images)``."""
+    images = temperature_sweep_samples(model, temperatures, num_cols, seed)
+    labels = [f"T = {float(t):g}" for t in temperatures]
+    return _save_rows(images, path, model.num_levels, num_cols, labels, "samples at temperature T (same base noise per column)"), images
+
+
+# -- everything at once --------------------------------------------------------------------------
+def analyze(
+    model: ImageFlow,
+    images: torch.Tensor,
+    out: str | os.PathLike,
+    temperatures: Sequence[float] = (0.3, 0.5, 0.7, 0.9, 1.0),
+    repeats: int = 8,
+    seed: int = 0,
+    name: str = "model",
+) -> dict[str, Path]:
+    """Run every analysis that applies to ``model`` and write the PNGs under ``out``.
+
+    Files: ``dequantization_distribution.png`` (uniform prior) and
+    ``dequantization_distribution_prior.png`` (levels weighted by their frequency in
+    ``images``), ``dequantization_noise.png``, ``interpolation.png``,
+    ``temperature_sweep.png`` and, for multiscale models, ``shared_final_latent.png``.
+
+    Args:
+        model: a (trained) :class:`ImageFlow`.
+        images: real integer images ``[N >= 2, C, H, W]`` (noise histograms, interpolation).
+        out: output folder.
+        temperatures: rows of the temperature sweep.
+        repeats: dequantization-noise draws per image.
+        seed: seeds the random draws.
+        name: the model's label in the noise histogram.
+
+    Returns:
+        ``{analysis name: path}``.
+    """
+    model = _check_model(model)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {}
+    k = model.num_levels
+    files["dequantization_distribution"] = plot_dequantization_distribution(out / "dequantization_distribution.png", k)
+    counts = torch.bincount(images.reshape(-1).long().cpu(), minlength=k).double() + 1.0  # add-one: every level visible
+    files["dequantization_distribution_prior"] = plot_dequantization_distribution(
+        out / "dequantization_distribution_prior.png", k, prior=(counts / counts.sum()).tolist(),
+        title=f"Dequantization distribution for {k} levels, prior = level frequencies of the data",
+    )
+    torch.manual_seed(seed)
+    files["dequantization_noise"], _ = plot_dequantization_noise({name: model}, images, out / "dequantization_noise.png", repeats)
+    files["interpolation"], _ = plot_interpolation(model, images[: min(6, images.shape[0] // 2 * 2)], out / "interpolation.png", seed=seed)
+    files["temperature_sweep"], _ = plot_temperature_sweep(model, out / "temperature_sweep.png", temperatures, seed=seed)
+    if len(model.level_shapes) > 1:
+        files["shared_final_latent"], _ = plot_shared_final_latent(model, out / "shared_final_latent.png", seed=seed)
+    return files
