@@ -20,6 +20,7 @@ check them.  matplotlib is imported inside the functions that draw.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
@@ -57,6 +58,15 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device):
+    """Seed torch's generators for the block and restore the caller's random state after it."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 def _check_model(model, name: str = "model") -> ImageFlow:
@@ -314,7 +324,8 @@ def plot_interpolation(
     straight line ``z = (1 - w) z_1 + w z_2`` between their latents (:meth:`ImageFlow.interpolate`).
 
     The first and last columns reproduce the pair exactly.  The latents of a stochastic
-    dequantization depend on its noise; ``seed`` fixes it.
+    dequantization depend on its noise; ``seed`` fixes it (the caller's random state is
+    left as it was).
 
     Returns:
         ``(path, grid)`` with ``grid`` the ``[pairs * steps, C, H, W]`` integer images.
@@ -326,8 +337,8 @@ def plot_interpolation(
     pairs = images.shape[0] // 2 if num_pairs is None else _check_positive_int("num_pairs", num_pairs)
     if 2 * pairs > images.shape[0]:
         raise ValueError(f"num_pairs: {pairs} pairs need {2 * pairs} images, got {images.shape[0]}")
-    torch.manual_seed(seed)
-    rows = [model.interpolate(images[2 * i], images[2 * i + 1], steps=steps).cpu() for i in range(pairs)]
+    with _seeded(seed, model.device):
+        rows = [model.interpolate(images[2 * i], images[2 * i + 1], steps=steps).cpu() for i in range(pairs)]
     grid = torch.cat(rows)
     out = _save_rows(grid, path, model.num_levels, steps, title=f"interpolation in latent space ({steps} steps)")
     return out, grid
@@ -458,8 +469,8 @@ def analyze(
         out / "dequantization_distribution_prior.png", k, prior=(counts / counts.sum()).tolist(),
         title=f"Dequantization distribution for {k} levels, prior = level frequencies of the data",
     )
-    torch.manual_seed(seed)
-    files["dequantization_noise"], _ = plot_dequantization_noise({name: model}, images, out / "dequantization_noise.png", repeats)
+    with _seeded(seed, model.device):
+        files["dequantization_noise"], _ = plot_dequantization_noise({name: model}, images, out / "dequantization_noise.png", repeats)
     files["interpolation"], _ = plot_interpolation(model, images[: min(6, images.shape[0] // 2 * 2)], out / "interpolation.png", seed=seed)
     files["temperature_sweep"], _ = plot_temperature_sweep(model, out / "temperature_sweep.png", temperatures, seed=seed)
     if len(model.level_shapes) > 1:

@@ -32,7 +32,13 @@ __all__ = ["NflowsAsNormflows", "NormflowsAsNflows", "to_normflows", "to_nflows"
 
 
 def _batch_ladj(ladj: torch.Tensor, batch: int) -> torch.Tensor:
-    return ladj.reshape(batch) if ladj.dim() != 1 else ladj
+    """Log-dets as ``[batch]``: normflows flows may return ``[batch, 1]`` or, when the log-det is
+    the same for every sample (``AffineConstFlow``), a scalar."""
+    if ladj.dim() == 1 and ladj.shape[0] == batch:
+        return ladj
+    if ladj.numel() == 1:
+        return ladj.reshape(1).expand(batch).clone()
+    return ladj.reshape(batch)
 
 
 class NflowsAsNormflows(nf.flows.Flow):

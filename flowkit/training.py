@@ -7,9 +7,22 @@ the image-flow tutorial: Adam 1e-3, gamma 0.99 per epoch), measure validation bi
 write ``last.pt`` (and ``best.pt`` when the validation bpd improved) atomically.
 
 A checkpoint holds the model's builder name and arguments (so :func:`load_checkpoint` can
-rebuild it), its ``state_dict``, the optimizer and scheduler, the epoch, the metric history and
-every random state (torch, CUDA, numpy, python, the DataLoader's shuffling generator), so
-``resume=True`` continues the *same* trajectory as an uninterrupted run.
+rebuild it), its ``state_dict``, the optimizer and scheduler, the epoch and the metric history.
+Randomness is a function of ``(seed, epoch)``: the training order is a
+``DistributedSampler`` permutation seeded with ``seed + epoch``, and the noise streams
+(dequantization, importance sampling) are reseeded from ``(seed, rank, epoch)`` at the start
+of every epoch, so ``resume=True`` continues the *same* trajectory as an uninterrupted run.
+
+Distributed training.  Under ``torchrun --nproc_per_node=N -m flowkit train ...`` (see
+:mod:`flowkit.distributed`) every process builds the same model, initialises ActNorm on the
+same ``init_batch_size`` images and takes rank 0's parameters and buffers; the training step
+runs through ``DistributedDataParallel`` (gradients averaged over the ranks in ``backward``,
+so parameters stay identical after every step), each rank drawing its own dequantization
+noise.  ``batch_size`` is the **global** batch: each rank takes ``batch_size / N`` images of
+the same permutation, so step ``s`` sees the same images for any ``N``.  Validation and test
+bits/dim are summed over the ranks (``sum bpd``, ``count``); rank 0 alone prints, shows
+progress and writes checkpoints, metrics and PNGs (the others wait at a barrier), so ``out``
+must be on a file system every rank can read (resume and the final test read it).
 
 Non-finite losses (or gradients) are skipped and counted; after ``max_nonfinite`` in a row
 training stops with :class:`NonFiniteLossError`.  A checkpoint with a non-finite tensor is
@@ -32,6 +45,8 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import torch
 from torch import nn
+
+from flowkit.distributed import DistributedContext, setup as setup_distributed
 
 __all__ = [
     "TrainConfig",
@@ -62,12 +77,14 @@ class TrainConfig:
         model: builder name for :func:`flowkit.models.build_model` (``glow``, ``simple``, ...).
         model_kwargs: extra keyword arguments of the builder (JSON-serialisable).
         epochs: total number of epochs (with ``resume``: train until this many are done).
-        batch_size: training and evaluation batch size.
+        batch_size: training and evaluation batch size, **global**: with N processes
+            (torchrun) each takes ``batch_size / N`` images (must divide evenly).
         lr: Adam learning rate.
         lr_decay: ``StepLR`` factor applied after every epoch (``lr_e = lr * lr_decay**e``).
         grad_clip: max gradient norm (``clip_grad_norm_``); 0 disables clipping.
-        seed: seeds torch, numpy, python and the DataLoader's shuffling.
-        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        seed: seeds the model's initialisation, the training order and the noise.
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda`` (under torchrun:
+            ``cuda:LOCAL_RANK`` with NCCL, or the CPU with gloo).
         out: run directory (checkpoints, metrics, PNGs).
         resume: continue from ``out/last.pt``.
         importance_samples: samples of the importance-weighted test bpd at the end of the run
@@ -80,7 +97,7 @@ class TrainConfig:
         max_nonfinite: stop after this many non-finite losses in a row.
         init_batch_size: images used for ActNorm's data-dependent initialisation.
         num_samples: images in the samples grid; ``sample_temperature`` their temperature.
-        progress: show tqdm progress bars.
+        progress: show tqdm progress bars (rank 0 only).
     """
 
     data: str = "digits"
@@ -177,26 +194,32 @@ def _images(batch) -> torch.Tensor:
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
-def _rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def _seed_all(*key: int) -> None:
+    """Seed torch (CPU and CUDA), numpy and python from the integers ``key`` (mixed by SeedSequence)."""
+    # the trailing constant keeps keys that differ only by trailing zeros apart (SeedSequence pads with zeros)
+    seed = int(np.random.SeedSequence([*(int(k) for k in key), 0x5EED]).generate_state(1)[0])
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
 
 
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def _shard(dataset, ctx: DistributedContext):
+    """Rank ``r``'s share of an evaluation split: items ``r, r + N, r + 2N, ...`` (no padding)."""
+    from torch.utils.data import Subset
+
+    return dataset if not ctx.enabled else Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size))
+
+
+class _TrainingLoss(nn.Module):
+    """``forward(x) = model.bpd(x)``: the training loss as a module's ``forward``, which is what
+    DistributedDataParallel calls (and hooks to average the gradients over the ranks)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.bpd(x)
 
 
 def _nonfinite_entry(tree, prefix: str = "") -> str | None:
@@ -230,6 +253,13 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
             tmp.unlink()
 
 
+def _check_finite(payload: Mapping[str, Any], path) -> None:
+    for key in ("state_dict", "optimizer"):
+        bad = _nonfinite_entry(payload.get(key), key)
+        if bad:
+            raise NonFiniteLossError(f"refusing to write a non-finite checkpoint to {path}: {bad} has NaN/inf values")
+
+
 def save_checkpoint(payload: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Write a checkpoint atomically (temp file + ``os.replace``); returns the path.
 
@@ -237,10 +267,7 @@ def save_checkpoint(payload: Mapping[str, Any], path: str | os.PathLike) -> Path
         NonFiniteLossError: a parameter, buffer or optimizer state holds NaN/inf; nothing is
             written and an existing file at ``path`` is left untouched.
     """
-    for key in ("state_dict", "optimizer"):
-        bad = _nonfinite_entry(payload.get(key), key)
-        if bad:
-            raise NonFiniteLossError(f"refusing to write a non-finite checkpoint to {path}: {bad} has NaN/inf values")
+    _check_finite(payload, path)
     buffer = io.BytesIO()
     torch.save(dict(payload), buffer)
     path = Path(path)
@@ -292,6 +319,16 @@ def evaluate(model: nn.Module, loader: Iterable, importance_samples: int = 8, ma
     ``-log2((1/M) sum_m p(x + u_m) / q(u_m | x)) / D`` (the tutorial's test metric); ``M = 1``
     the one-sample variational bound.  The model's train/eval mode is restored afterwards.
     """
+    total, count = _bpd_sum(model, loader, importance_samples, max_batches, progress, desc)
+    if count == 0:
+        raise ValueError("loader: no batches to evaluate")
+    return total / count
+
+
+@torch.no_grad()
+def _bpd_sum(model: nn.Module, loader: Iterable, importance_samples: int, max_batches: int | None,
+             progress: bool, desc: str) -> tuple[float, int]:
+    """``(sum of per-image bpd, number of images)`` over ``loader`` (see :func:`evaluate`)."""
     from tqdm.auto import tqdm
 
     if isinstance(importance_samples, bool) or not isinstance(importance_samples, int) or importance_samples < 1:
@@ -312,8 +349,14 @@ def evaluate(model: nn.Module, loader: Iterable, importance_samples: int = 8, ma
             count += x.shape[0]
     finally:
         model.train(was_training)
+    return total, count
+
+
+def _reduced_mean(ctx: DistributedContext, total: float, count: int, what: str) -> float:
+    """``sum total / sum count`` over the ranks."""
+    total, count = ctx.all_reduce_sum([total, count])
     if count == 0:
-        raise ValueError("loader: no batches to evaluate")
+        raise ValueError(f"{what}: no batches to evaluate")
     return total / count
 
 
@@ -344,32 +387,48 @@ def train(config: TrainConfig) -> dict:
 
     Keys: ``out``, ``epochs``, ``history`` (one dict per epoch), ``best_epoch``,
     ``best_val_bpd``, ``test_bpd`` (importance-sampled, from ``best.pt``; None when
-    ``importance_samples == 0``), ``num_parameters``, ``train_time_s``, ``skipped_steps``,
-    ``files`` (paths written).
+    ``importance_samples == 0``), ``num_parameters``, ``world_size``, ``train_time_s``,
+    ``skipped_steps``, ``files`` (paths written).  Under torchrun every rank returns the same
+    summary (metrics are reduced over the ranks); only rank 0 writes the files.
 
     Raises:
         NonFiniteLossError: ``max_nonfinite`` non-finite losses in a row (the checkpoints
             of the last good epoch stay on disk).
     """
-    from torch.utils.data import DataLoader
+    config.validate()
+    ctx = setup_distributed(config.device)
+    try:
+        if config.batch_size % ctx.world_size:
+            raise ValueError(f"batch_size: {config.batch_size} is the global batch and must divide evenly over the "
+                             f"{ctx.world_size} processes; use a multiple of {ctx.world_size}")
+        return _train(config, ctx)
+    finally:
+        ctx.close()
+
+
+def _train(config: TrainConfig, ctx: DistributedContext) -> dict:
+    from torch.utils.data import DataLoader, DistributedSampler
     from tqdm.auto import tqdm
 
     from flowkit.viz import save_curves, save_image_grid
 
-    config.validate()
-    device = resolve_device(config.device)
+    device, main = ctx.device, ctx.is_main
+    progress = config.progress and main
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
     last_path, best_path = out / "last.pt", out / "best.pt"
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
 
     info, splits = _load_data(config)
     spec = {"name": config.model, "image_shape": list(info.image_shape), "num_levels": int(info.num_levels),
             "kwargs": dict(config.model_kwargs)}
-    loader_gen = torch.Generator()
-    loader_kwargs = {"batch_size": config.batch_size, "num_workers": config.num_workers, "pin_memory": device.type == "cuda"}
-    train_loader = DataLoader(splits["train"], shuffle=True, drop_last=len(splits["train"]) > config.batch_size,
-                              generator=loader_gen, **loader_kwargs)
-    val_loader = DataLoader(splits["val"], shuffle=False, **loader_kwargs)
+    # batch_size is global: rank r takes items r, r+N, ... of the epoch's permutation (seed + epoch)
+    per_rank = config.batch_size // ctx.world_size
+    sampler = DistributedSampler(splits["train"], num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
+                                 seed=config.seed, drop_last=True)
+    loader_kwargs = {"batch_size": per_rank, "num_workers": config.num_workers, "pin_memory": device.type == "cuda"}
+    train_loader = DataLoader(splits["train"], sampler=sampler, drop_last=len(sampler) > per_rank, **loader_kwargs)
+    val_loader = DataLoader(_shard(splits["val"], ctx), shuffle=False, **loader_kwargs)
 
     payload = None
     if config.resume:
@@ -381,17 +440,17 @@ def train(config: TrainConfig) -> dict:
                              "use the same --model/--model-kwargs/--data or another --out")
         model.train()
     else:
-        for stale in (last_path, best_path):  # a fresh run never mixes with an older one
-            stale.unlink(missing_ok=True)
-        torch.manual_seed(config.seed)
-        np.random.seed(config.seed)
-        random.seed(config.seed)
-        loader_gen.manual_seed(config.seed)
+        if main:
+            for stale in (last_path, best_path):  # a fresh run never mixes with an older one
+                stale.unlink(missing_ok=True)
+        _seed_all(config.seed)
         model = _build_model(spec).to(device)
-        # ActNorm's data-dependent init on a real (random) training batch
+        # ActNorm's data-dependent init on a real (random) training batch, the same on every rank
         pick = torch.randperm(len(splits["train"]), generator=torch.Generator().manual_seed(config.seed))
         init_batch = torch.stack([splits["train"][int(i)][0] for i in pick[: config.init_batch_size]])
         model.initialize(init_batch.to(device))
+    ctx.broadcast_module(model)  # every rank starts from rank 0's parameters and buffers
+    step_loss = ctx.wrap(_TrainingLoss(model))  # DDP: backward averages the gradients over the ranks
 
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=config.lr_decay)
@@ -403,31 +462,32 @@ def train(config: TrainConfig) -> dict:
         history = list(payload["history"])
         best_val, best_epoch = payload["best_val_bpd"], payload["best_epoch"]
         start_epoch, skipped_total, elapsed = payload["epoch"], payload["skipped_steps"], payload["train_time_s"]
-        _set_rng_state(payload["rng"])
-        loader_gen.set_state(payload["loader_generator"])
 
     num_params = sum(p.numel() for p in model.parameters())
-    summary = {"config": dataclasses.asdict(config), "model": spec, "num_parameters": num_params}
+    summary = {"config": dataclasses.asdict(config), "model": spec, "num_parameters": num_params,
+               "world_size": ctx.world_size}
     consecutive = 0
     for epoch in range(start_epoch, config.epochs):
         t0 = time.perf_counter()
+        sampler.set_epoch(epoch)
+        _seed_all(config.seed, ctx.rank, 0, epoch)  # this rank's noise for this epoch
         model.train()
         lr = optimizer.param_groups[0]["lr"]
         total, count, skipped = 0.0, 0, 0
         n_batches = len(train_loader) if config.max_train_batches is None else min(len(train_loader), config.max_train_batches)
         bar = tqdm(train_loader, total=n_batches, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
-                   disable=not config.progress)
+                   disable=not progress)
         for step, (x, _) in enumerate(bar):
             if step >= n_batches:
                 break
             x = x.to(device, non_blocking=True)
-            loss = model.bpd(x).mean()
+            loss = step_loss(x).mean()
             grad_norm = None
-            if torch.isfinite(loss):
+            if ctx.all_true(torch.isfinite(loss)):  # skip on every rank, or on none
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip if config.grad_clip > 0 else math.inf)
-            if grad_norm is None or not torch.isfinite(grad_norm):
+            if grad_norm is None or not torch.isfinite(grad_norm):  # gradients are averaged: same on every rank
                 skipped += 1
                 consecutive += 1
                 optimizer.zero_grad(set_to_none=True)
@@ -446,7 +506,8 @@ def train(config: TrainConfig) -> dict:
             bar.set_postfix(bpd=f"{float(loss.detach()):.3f}")
         scheduler.step()
         skipped_total += skipped
-        val_bpd = evaluate(model, val_loader, importance_samples=1, max_batches=config.max_eval_batches)
+        total, count = ctx.all_reduce_sum([total, count])
+        val_bpd = _reduced_mean(ctx, *_bpd_sum(model, val_loader, 1, config.max_eval_batches, False, "val"), "val")
         elapsed += time.perf_counter() - t0
         history.append({"epoch": epoch + 1, "train_bpd": total / count if count else math.nan, "val_bpd": val_bpd,
                         "lr": lr, "skipped_steps": skipped, "time_s": round(elapsed, 3)})
@@ -457,35 +518,43 @@ def train(config: TrainConfig) -> dict:
             "format": CHECKPOINT_FORMAT, "model": spec, "state_dict": model.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
             "history": history, "best_val_bpd": best_val, "best_epoch": best_epoch, "skipped_steps": skipped_total,
-            "train_time_s": elapsed, "config": dataclasses.asdict(config), "rng": _rng_state(),
-            "loader_generator": loader_gen.get_state(),
+            "train_time_s": elapsed, "config": dataclasses.asdict(config), "world_size": ctx.world_size,
         }
-        save_checkpoint(ckpt, last_path)
-        if improved:
-            save_checkpoint(ckpt, best_path)
-        _write_metrics(out, history, {**summary, "best_epoch": best_epoch, "best_val_bpd": best_val,
-                                      "skipped_steps": skipped_total, "train_time_s": elapsed})
-        print(f"epoch {epoch + 1}/{config.epochs}: train {history[-1]['train_bpd']:.4f} bpd, val {val_bpd:.4f} bpd"
-              f"{' (best)' if improved else ''}, lr {lr:.2e}, {elapsed:.1f}s", flush=True)
+        _check_finite(ckpt, last_path)  # on every rank (identical states), so no rank waits for a failed one
+        if main:
+            save_checkpoint(ckpt, last_path)
+            if improved:
+                save_checkpoint(ckpt, best_path)
+            _write_metrics(out, history, {**summary, "best_epoch": best_epoch, "best_val_bpd": best_val,
+                                          "skipped_steps": skipped_total, "train_time_s": elapsed})
+            print(f"epoch {epoch + 1}/{config.epochs}: train {history[-1]['train_bpd']:.4f} bpd, val {val_bpd:.4f} bpd"
+                  f"{' (best)' if improved else ''}, lr {lr:.2e}, {elapsed:.1f}s", flush=True)
+        ctx.barrier()
 
-    # final: the best model on the test split (importance-sampled), samples and curves
+    # final: the best model on the test split (importance-sampled, shared over the ranks), samples and curves
     files = {"last": str(last_path), "best": str(best_path), "metrics_csv": str(out / "metrics.csv"),
              "metrics_json": str(out / "metrics.json")}
     test_bpd = None
     best_model, _ = load_checkpoint(best_path if best_path.is_file() else last_path, device)
+    _seed_all(config.seed, ctx.rank, 1)  # the final evaluation's noise
     if config.importance_samples > 0:
-        test_loader = DataLoader(splits["test"], shuffle=False, **loader_kwargs)
-        test_bpd = evaluate(best_model, test_loader, importance_samples=config.importance_samples,
-                            max_batches=config.max_eval_batches, progress=config.progress, desc="test")
-    gen = torch.Generator(device=device).manual_seed(config.seed)
-    samples = best_model.sample(config.num_samples, temperature=config.sample_temperature, generator=gen)
-    files["samples"] = str(save_image_grid(samples, out / "samples.png", best_model.num_levels,
-                                           title=f"{config.model} on {config.data}, T={config.sample_temperature}"))
-    files["curves"] = str(save_curves({"train": [h["train_bpd"] for h in history], "val": [h["val_bpd"] for h in history]},
-                                      out / "curves.png", title=f"{config.model} on {config.data}",
-                                      x=[h["epoch"] for h in history]))
+        test_loader = DataLoader(_shard(splits["test"], ctx), shuffle=False, **loader_kwargs)
+        test_bpd = _reduced_mean(ctx, *_bpd_sum(best_model, test_loader, config.importance_samples,
+                                                config.max_eval_batches, progress, "test"), "test")
+    if main:
+        gen = torch.Generator(device=device).manual_seed(config.seed)
+        samples = best_model.sample(config.num_samples, temperature=config.sample_temperature, generator=gen)
+        files["samples"] = str(save_image_grid(samples, out / "samples.png", best_model.num_levels,
+                                               title=f"{config.model} on {config.data}, T={config.sample_temperature}"))
+        files["curves"] = str(save_curves({"train": [h["train_bpd"] for h in history], "val": [h["val_bpd"] for h in history]},
+                                          out / "curves.png", title=f"{config.model} on {config.data}",
+                                          x=[h["epoch"] for h in history]))
+    else:
+        files["samples"], files["curves"] = str(out / "samples.png"), str(out / "curves.png")
     result = {**summary, "out": str(out), "epochs": len(history), "history": history, "best_epoch": best_epoch,
               "best_val_bpd": best_val, "test_bpd": test_bpd, "importance_samples": config.importance_samples,
               "train_time_s": elapsed, "skipped_steps": skipped_total, "files": files}
-    _write_metrics(out, history, {k: v for k, v in result.items() if k != "history"})
+    if main:
+        _write_metrics(out, history, {k: v for k, v in result.items() if k != "history"})
+    ctx.barrier()
     return result

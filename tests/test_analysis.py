@@ -126,6 +126,15 @@ def test_interpolation_rows_start_and_end_at_the_pair(tmp_path, multiscale):
         analysis.plot_interpolation(multiscale, x[:1], tmp_path / "j.png")
 
 
+def test_interpolation_is_seeded_and_leaves_the_global_rng_alone(tmp_path, multiscale):
+    x = _images(2, seed=4)
+    state = torch.get_rng_state()
+    _, a = analysis.plot_interpolation(multiscale, x, tmp_path / "a.png", steps=3, seed=7)
+    assert torch.equal(torch.get_rng_state(), state)
+    _, b = analysis.plot_interpolation(multiscale, x, tmp_path / "b.png", steps=3, seed=7)
+    assert torch.equal(a, b)
+
+
 def test_shared_final_latent_shares_exactly_the_final_level(multiscale):
     seen = []
     decode = multiscale.decode
@@ -192,3 +201,6 @@ def test_cli_analyze_on_a_trained_checkpoint(tmp_path, capsys):
     for path in index["files"].values():
         assert _png_shape(path)[2] == 4
     assert "wrote 6 pictures" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # argparse rejects a non-positive temperature
+        main(["analyze", "--checkpoint", str(run / "last.pt"), "--out", str(out), "--temperatures", "0.5,-1"])
+    assert "positive temperatures" in capsys.readouterr().err

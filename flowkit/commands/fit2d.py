@@ -29,7 +29,8 @@ def _run(args) -> int:
             cfg[key] = getattr(args, key)
     target = get_target(args.target)
     torch.manual_seed(args.seed)
-    model = build_flow(cfg.pop("flow"), cfg.pop("layers"))
+    flow_kwargs = cfg.pop("flow_kwargs", {}) if args.flow is None else {}
+    model = build_flow(cfg.pop("flow"), cfg.pop("layers"), **flow_kwargs)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     result = fit(model, target, device=device, seed=args.seed, progress=not args.no_progress, snapshot_every=args.snapshot_every, **cfg)
     metrics = evaluate(result.model, target, args.eval_samples)

@@ -1,4 +1,8 @@
-"""``flowkit train``: train an image flow (see :func:`flowkit.training.train`)."""
+"""``flowkit train``: train an image flow (see :func:`flowkit.training.train`).
+
+On several processes: ``torchrun --nproc_per_node=N -m flowkit train ...`` (DistributedDataParallel;
+``--batch-size`` is the global batch, split evenly over the N processes; rank 0 prints and writes).
+"""
 
 from __future__ import annotations
 
@@ -22,8 +26,11 @@ def config_from_args(args):
     """The :class:`~flowkit.training.TrainConfig` the parsed ``flowkit train`` flags describe."""
     from flowkit.training import TrainConfig
 
+    model_kwargs = dict(args.model_kwargs)
+    if getattr(args, "memory_saving", False):
+        model_kwargs["memory_saving"] = True
     return TrainConfig(
-        data=args.data, model=args.model, model_kwargs=args.model_kwargs, epochs=args.epochs,
+        data=args.data, model=args.model, model_kwargs=model_kwargs, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, lr_decay=args.lr_decay, grad_clip=args.grad_clip,
         seed=args.seed, device=args.device, out=args.out, resume=args.resume,
         importance_samples=args.importance_samples, data_root=args.data_root, val_size=args.val_size,
@@ -34,18 +41,24 @@ def config_from_args(args):
 
 
 def _run(args) -> int:
+    from flowkit.distributed import env_rank
     from flowkit.training import NonFiniteLossError, train
 
+    rank = env_rank()
     try:
         result = train(config_from_args(args))
     except NonFiniteLossError as err:
-        print(f"error: {err}")
+        if rank == 0:
+            print(f"error: {err}")
         return 1
     except (ValueError, TypeError, FileNotFoundError) as err:
-        print(f"error: {err}")
+        print(f"error: {err}" if rank == 0 else f"error (rank {rank}): {err}")
         return 2
+    if rank != 0:  # under torchrun: rank 0 reports
+        return 0
     test = "skipped" if result["test_bpd"] is None else f"{result['test_bpd']:.4f} (importance sampling, {result['importance_samples']} samples)"
-    print(f"\n{args.model} on {args.data}: {result['num_parameters']:,} parameters, {result['epochs']} epochs in "
+    procs = f" on {result['world_size']} processes" if result["world_size"] > 1 else ""
+    print(f"\n{args.model} on {args.data}: {result['num_parameters']:,} parameters, {result['epochs']} epochs{procs} in "
           f"{result['train_time_s']:.1f}s; best val bpd {result['best_val_bpd']:.4f} (epoch {result['best_epoch']}); test bpd {test}")
     if result["skipped_steps"]:
         print(f"skipped {result['skipped_steps']} steps with a non-finite loss or gradient")
@@ -63,12 +76,16 @@ def register(sub) -> None:
     p.add_argument("--model", default=d.model, help="glow | simple | vardeq | multiscale")
     p.add_argument("--model-kwargs", type=_json_dict, default={}, metavar="JSON",
                    help='builder options as JSON, e.g. \'{"levels": 2, "steps_per_level": 4}\'')
+    p.add_argument("--memory-saving", action="store_true",
+                   help="glow: invertible backprop, rebuild activations in backward instead of storing them "
+                        "(adds memory_saving=true to the model kwargs)")
     p.add_argument("--epochs", type=int, default=d.epochs, help="total epochs (with --resume: train until this many)")
     p.add_argument("--out", default=d.out, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt on the same trajectory")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="global batch; under torchrun each of N processes takes batch-size/N (must divide)")
     p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
     p.add_argument("--lr-decay", type=float, default=d.lr_decay, help="StepLR gamma per epoch")
     p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm (0: off)")

@@ -25,8 +25,8 @@ __all__ = ["FitResult", "PRESETS", "fit"]
 # Chosen by measurement (benchmarks/bench_fit2d.py): "fast" is fit()'s default, "strong" the
 # recommended setting for a near-perfect fit, "seed" the seed loop's settings.
 PRESETS: dict[str, dict] = {
-    "fast": dict(flow="planar", layers=16, iters=1500, batch_size=512, lr=1e-2, anneal_iters=500, weight_decay=0.0),
-    "strong": dict(flow="planar", layers=32, iters=4000, batch_size=1024, lr=1e-2, anneal_iters=1000, weight_decay=0.0),
+    "fast": dict(flow="planar", layers=16, iters=2000, batch_size=512, lr=1e-2, anneal_iters=800, weight_decay=0.0),
+    "strong": dict(flow="nflows-spline", layers=4, flow_kwargs=dict(hidden=32, bins=8), iters=2000, batch_size=512, lr=2e-3, anneal_iters=500, weight_decay=0.0),
     "seed": dict(flow="planar", layers=16, iters=20000, batch_size=40, lr=1e-3, anneal_iters=10000, weight_decay=1e-4, schedule="constant"),
 }
 

@@ -1,0 +1,178 @@
+"""flowkit.toy2d: targets and their log Z, metrics against closed forms, fit, plots, CLI."""
+
+import math
+
+import normflows as nf
+import numpy as np
+import pytest
+import torch
+
+from flowkit.toy2d import build_flow, evaluate, fit, get_target, grid_log_z, is_invertible, list_targets
+from flowkit.toy2d.targets import GaussianTarget, Target2D
+
+
+def test_registry_names_and_errors():
+    names = list_targets()
+    for n in ("two-modes", "two-moons", "circular-gmm", "ring-mixture", "sinusoidal", "smiley", "eight-gaussians", "banana", "checkerboard"):
+        assert n in names
+    with pytest.raises(ValueError, match="unknown target 'nope'"):
+        get_target("nope")
+    with pytest.raises(ValueError, match=r"\[batch, 2\]"):
+        get_target("two-modes").log_prob(torch.zeros(3, 3))
+
+
+def test_two_modes_wraps_normflows_density():
+    x = torch.randn(50, 2, generator=torch.Generator().manual_seed(0)) * 2
+    torch.testing.assert_close(get_target("two-modes").log_prob(x), nf.distributions.TwoModes(2.0, 0.1).log_prob(x))
+
+
+@pytest.mark.parametrize("name", ["gaussian", "ring-mixture", "banana", "eight-gaussians", "circular-gmm"])
+def test_grid_log_z_matches_closed_form(name):
+    kwargs = {"cov": ((1.0, 0.6), (0.6, 0.8)), "mean": (0.5, -1.0)} if name == "gaussian" else {}
+    t = get_target(name, **kwargs)
+    assert t.log_z_is_exact
+    numeric, _ = grid_log_z(t.log_prob, t.box, (256, 512) if name == "banana" else (256, 256))
+    assert abs(numeric - t.log_z) < 1e-3, (numeric, t.log_z)
+
+
+def test_numeric_log_z_is_cached_and_finite():
+    t = get_target("smiley")
+    a = t.log_z
+    b = get_target("smiley").log_z  # a new instance of the same density: from the cache
+    assert a == b and math.isfinite(a) and not t.log_z_is_exact
+
+
+class _RejectionGaussian(GaussianTarget):
+    def _sample_exact(self, n):
+        return None  # force the generic rejection sampler
+
+
+def test_rejection_sampler_matches_moments():
+    torch.manual_seed(0)
+    t = _RejectionGaussian(mean=(0.5, -1.0), cov=((1.0, 0.6), (0.6, 0.8)))
+    x = t.sample(20000).double()
+    torch.testing.assert_close(x.mean(0), torch.tensor([0.5, -1.0], dtype=torch.float64), atol=0.04, rtol=0)
+    torch.testing.assert_close(torch.cov(x.T), torch.tensor([[1.0, 0.6], [0.6, 0.8]], dtype=torch.float64), atol=0.05, rtol=0)
+
+
+def _gaussian_model(mu, log_sigma):
+    """q = N(mu, diag(sigma^2)) as an invertible normflows model: x = mu + sigma * z."""
+    flow = nf.flows.AffineConstFlow((2,))
+    with torch.no_grad():
+        flow.s.copy_(torch.tensor([log_sigma]))
+        flow.t.copy_(torch.tensor([mu]))
+    return nf.NormalizingFlow(nf.distributions.DiagGaussian(2, trainable=False), [flow])
+
+
+def _kl_gauss(m0, s0, m1, s1):
+    """KL(N(m0, s0) || N(m1, s1)) in closed form."""
+    s1i = torch.linalg.inv(s1)
+    d = m1 - m0
+    return 0.5 * (torch.trace(s1i @ s0) + d @ s1i @ d - 2 + torch.logdet(s1) - torch.logdet(s0)).item()
+
+
+def test_metrics_match_closed_form_gaussian_kl():
+    torch.manual_seed(0)
+    mean, cov = torch.tensor([0.5, -1.0]), torch.tensor([[1.0, 0.6], [0.6, 0.8]])
+    target = GaussianTarget(mean.tolist(), cov.tolist())
+    mu, log_sigma = [0.2, -0.7], [0.1, -0.3]
+    model = _gaussian_model(mu, log_sigma)
+    q_cov = torch.diag(torch.exp(2 * torch.tensor(log_sigma)))
+    m = evaluate(model, target, 200_000)
+    rkl = _kl_gauss(torch.tensor(mu), q_cov, mean, cov)
+    fkl = _kl_gauss(mean, cov, torch.tensor(mu), q_cov)
+    assert rkl > 0.3 and fkl > 0.3  # far enough from 0 that a sign or log Z error shows
+    assert abs(m.reverse_kl - rkl) < 4 * m.reverse_kl_se + 1e-3, (m.reverse_kl, rkl, m.reverse_kl_se)
+    assert abs(m.forward_kl - fkl) < 4 * m.forward_kl_se + 1e-3, (m.forward_kl, fkl)
+    assert m.reverse_kl_se < 0.01
+    assert 0.0 < m.ess < 0.9
+    assert abs(m.log_z_estimate - target.log_z) < 4 * m.log_z_se + 1e-3
+
+
+def test_metrics_of_a_perfect_model():
+    target = GaussianTarget((0.0, 0.0), ((4.0, 0.0), (0.0, 0.25)))
+    model = _gaussian_model([0.0, 0.0], [math.log(2.0), math.log(0.5)])
+    m = evaluate(model, target, 5000)
+    assert abs(m.reverse_kl) < 1e-5 and abs(m.forward_kl) < 1e-5
+    assert m.ess == pytest.approx(1.0, abs=1e-6)
+    assert m.log_z_estimate == pytest.approx(target.log_z, abs=1e-5)
+
+
+def test_build_flow_kinds_log_prob_consistent():
+    for kind in ("planar", "radial", "affine", "spline", "nflows-spline"):
+        torch.manual_seed(0)
+        model = build_flow(kind, 2, **({} if kind in ("planar", "radial") else {"hidden": 8}))
+        x, log_q = model.sample(16)
+        assert x.shape == (16, 2) and log_q.shape == (16,)
+        assert is_invertible(model) == (kind not in ("planar", "radial"))
+        if is_invertible(model):
+            torch.testing.assert_close(model.log_prob(x), log_q, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="unknown flow"):
+        build_flow("maf")
+
+
+def test_fit_improves_kl_and_returns_history():
+    torch.manual_seed(0)
+    model = build_flow("planar", 4)
+    before = evaluate(model, "two-modes", 5000, forward=False).reverse_kl
+    calls = []
+    result = fit(model, "two-modes", iters=200, batch_size=128, lr=1e-2, anneal_iters=50, progress=False, sync_every=50,
+                 snapshot_every=100, snapshot_samples=500, callback=lambda s, m, l: calls.append((s, len(l))))
+    after = evaluate(result.model, "two-modes", 5000, forward=False).reverse_kl
+    assert result.loss.shape == (200,) and np.isfinite(result.loss).all()
+    assert calls == [(s, s) for s in range(50, 201, 50)]
+    assert [s for s, _ in result.snapshots] == [100, 200] and result.snapshots[0][1].shape == (500, 2)
+    assert after < before - 1.0, (before, after)
+    model2, loss2 = fit(build_flow("planar", 2), "two-modes", iters=5, batch_size=8, progress=False)
+    assert loss2.shape == (5,)
+
+
+class _NaNTarget(Target2D):
+    def _log_prob(self, x):
+        return x[:, 0] * float("nan")
+
+
+def test_fit_reports_non_finite_loss_and_bad_args():
+    with pytest.raises(FloatingPointError, match="non-finite at step 0"):
+        fit(build_flow("planar", 2), _NaNTarget(), iters=20, batch_size=8, progress=False, sync_every=10)
+    with pytest.raises(ValueError, match="batch_size"):
+        fit(build_flow("planar", 2), "two-modes", iters=5, batch_size=0)
+    with pytest.raises(ValueError, match="lr"):
+        fit(build_flow("planar", 2), "two-modes", iters=5, lr=-1.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fit_on_cuda():
+    r = fit(build_flow("planar", 4), "two-modes", iters=50, batch_size=128, device="cuda", progress=False)
+    assert next(r.model.parameters()).is_cuda and np.isfinite(r.loss).all()
+
+
+def test_pictures(tmp_path):
+    from flowkit.toy2d.plots import model_density_grid, plot_loss, plot_model, plot_snapshots, plot_target
+
+    torch.manual_seed(0)
+    box = (-3.0, 3.0, -3.0, 3.0)
+    planar = build_flow("planar", 2)
+    dens, how = model_density_grid(planar, box, size=40, num_samples=20000)
+    assert how == "histogram" and abs(dens.sum() * (6 / 40) ** 2 - 1) < 0.05
+    dens, how = model_density_grid(_gaussian_model([0.0, 0.0], [0.0, 0.0]), box, size=40)
+    assert how == "exact" and abs(dens.sum() * (6 / 40) ** 2 - 1) < 0.02  # N(0, I) holds ~99.5% in the box
+    paths = [
+        plot_target("two-modes", tmp_path / "t.png", size=40),
+        plot_model(planar, "two-modes", tmp_path / "m.png", size=40),
+        plot_loss(np.linspace(3, 0, 200), tmp_path / "l.png", log_z=0.8),
+        plot_snapshots([(10, np.random.randn(300, 2)), (20, np.random.randn(300, 2))], "two-modes", tmp_path / "s.png", size=20),
+    ]
+    for p in paths:
+        assert p.exists() and p.stat().st_size > 1000 and p.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_fit2d(tmp_path, capsys):
+    from flowkit.cli import main
+
+    rc = main(["fit2d", "--target", "two-modes", "--layers", "2", "--iters", "20", "--batch-size", "32",
+               "--eval-samples", "2000", "--no-progress", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0 and "KL(q||p)" in out and "two-modes" in out
+    for name in ("target.png", "model.png", "loss.png", "metrics.json"):
+        assert (tmp_path / name).exists()
