@@ -18,9 +18,7 @@ Run:
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -29,6 +27,7 @@ from nflows.transforms import CompositeTransform, Transform
 from torch import nn
 from tqdm.auto import tqdm
 
+from flowkit.io import write_json
 import flowkit
 from flowkit.check import format_reports, perturb_parameters
 from flowkit.data import load_splits
@@ -169,9 +168,7 @@ def main(argv=None) -> dict:
     }
     print(f"test bpd {before:.3f} -> {after:.3f} after {cfg['train_steps']} steps ({train_time:.1f}s); "
           f"learned slopes {', '.join(f'{s:.3f}' for s in slopes)}")
-    tmp = out / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2))
-    os.replace(tmp, out / "metrics.json")
+    write_json(out / "metrics.json", metrics)
     print(f"wrote {out / 'samples.png'} and {out / 'metrics.json'}")
     return metrics
 

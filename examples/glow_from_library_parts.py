@@ -20,8 +20,6 @@ Writes OUT/samples.png and OUT/metrics.json, and prints bits/dim.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 from pathlib import Path
 
@@ -37,6 +35,7 @@ from nflows.transforms import (
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from flowkit.io import write_json
 import flowkit
 from flowkit.data import dataset_info, load_splits
 from flowkit.layers import GatedConvNet, MaskedAffineCoupling, VariationalDequantization, checkerboard_mask, gated_conv_net
@@ -146,9 +145,7 @@ def main(argv=None) -> dict:
     }
     print(f"train bpd {metrics['first_train_bpd']:.3f} -> {metrics['last_train_bpd']:.3f} in {train_time:.1f}s; "
           f"test bpd ({cfg['importance_samples']} importance samples): {test_bpd:.3f}")
-    tmp = out / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2))
-    os.replace(tmp, out / "metrics.json")
+    write_json(out / "metrics.json", metrics)
     print(f"wrote {out / 'samples.png'} and {out / 'metrics.json'}")
     return metrics
 

@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
 import time
 from pathlib import Path
 
@@ -46,6 +44,7 @@ from nflows.transforms import (
 )
 from tqdm.auto import tqdm
 
+from flowkit.io import write_json
 import flowkit
 from flowkit.bridge import NormflowsAsNflows, to_nflows
 from flowkit.check import format_reports, perturb_parameters
@@ -188,9 +187,7 @@ def main(argv=None) -> dict:
     }
     print(f"{model.num_parameters():,} parameters; test bpd {before:.3f} -> {after:.3f} after "
           f"{cfg['train_steps']} steps ({train_time:.1f}s)")
-    tmp = out / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2))
-    os.replace(tmp, out / "metrics.json")
+    write_json(out / "metrics.json", metrics)
     print(f"wrote {out / 'samples.png'} and {out / 'metrics.json'}")
     return metrics
 

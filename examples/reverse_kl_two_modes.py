@@ -24,12 +24,11 @@ Writes OUT/<model>/{target,model,loss,snapshots}.png and OUT/metrics.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from pathlib import Path
 
 import torch
 
+from flowkit.io import write_json
 from flowkit import toy2d
 from flowkit.toy2d.plots import save_fit_pictures
 
@@ -76,9 +75,7 @@ def main(argv=None) -> dict:
     # One table for both fits (nats; the ± are Monte-Carlo standard errors).
     print()
     print(toy2d.format_metrics(reports))
-    tmp = out / ".metrics.json.tmp"
-    tmp.write_text(json.dumps({"target": "two-modes", "settings": cfg, "runs": metrics, "files": files}, indent=2))
-    os.replace(tmp, out / "metrics.json")
+    write_json(out / "metrics.json", {"target": "two-modes", "settings": cfg, "runs": metrics, "files": files})
     print(f"\nwrote {len(files)} pictures and {out / 'metrics.json'}")
     return metrics
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from flowkit.io import atomic_write_text
 from flowkit import analysis
 from flowkit.data import load_splits
 from flowkit.training import TrainConfig, evaluate, load_checkpoint, train
@@ -139,9 +139,7 @@ def main(argv=None) -> dict:
                        ("results.json", json.dumps({"budget": budget, "rows": rows, "dequantization_noise": noise_stats,
                                                     "files": {"noise": str(noise_png), "shared_final_latent": str(shared_png)}},
                                                    indent=2))):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+        atomic_write_text(out / name, text)
     print(f"\nwrote {out / 'table.md'}, {out / 'results.json'}, {noise_png.name} and {shared_png.name}")
     return {"rows": rows}
 

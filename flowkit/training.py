@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from flowkit.io import atomic_write_bytes, write_json
 from flowkit.distributed import DistributedContext, setup as setup_distributed
 
 __all__ = [
@@ -239,20 +240,6 @@ def _nonfinite_entry(tree, prefix: str = "") -> str | None:
     return None
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _check_finite(payload: Mapping[str, Any], path) -> None:
     for key in ("state_dict", "optimizer"):
         bad = _nonfinite_entry(payload.get(key), key)
@@ -271,7 +258,7 @@ def save_checkpoint(payload: Mapping[str, Any], path: str | os.PathLike) -> Path
     buffer = io.BytesIO()
     torch.save(dict(payload), buffer)
     path = Path(path)
-    _atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 
@@ -305,8 +292,8 @@ def _write_metrics(out: Path, history: list[dict], summary: Mapping[str, Any]) -
     writer = csv.DictWriter(text, fieldnames=fields)
     writer.writeheader()
     writer.writerows(history)
-    _atomic_write_bytes(out / "metrics.csv", text.getvalue().encode())
-    _atomic_write_bytes(out / "metrics.json", json.dumps({**summary, "history": history}, indent=2).encode())
+    atomic_write_bytes(out / "metrics.csv", text.getvalue().encode())
+    write_json(out / "metrics.json", {**summary, "history": history})
 
 
 # -- evaluation --------------------------------------------------------------------------

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
+
+from flowkit.io import write_json
 
 __all__ = ["register"]
 
@@ -39,10 +39,7 @@ def _run(args) -> int:
     files = analyze(model, images, args.out, temperatures=args.temperatures, seed=args.seed,
                     name=payload["model"]["name"])
     index = {name: str(path) for name, path in files.items()}
-    target = Path(args.out) / "analysis.json"
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"checkpoint": str(args.checkpoint), "files": index}, indent=2))
-    os.replace(tmp, target)
+    write_json(Path(args.out) / "analysis.json", {"checkpoint": str(args.checkpoint), "files": index})
     for name, path in index.items():
         print(f"{name:<36} {path}")
     print(f"wrote {len(index)} pictures under {args.out}")

@@ -70,7 +70,7 @@ def _run(args) -> int:
     print(f"\nfiles in {result['out']}/:")
     print(f"  samples.png   {config.num_samples} samples at temperature {config.sample_temperature}: {files['samples']}")
     print(f"  curves.png    train/val bits/dim per epoch: {files['curves']}")
-    print(f"  metrics.csv / metrics.json, best.pt / last.pt")
+    print("  metrics.csv / metrics.json, best.pt / last.pt")
     print(f"more: flowkit sample --checkpoint {files['best']} --n 64 --temperature 0.7 --out grid.png")
     return 0 if test is None or test < baseline else 1
 
