@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
+import statistics
 import time
 
 import torch
@@ -71,26 +72,38 @@ def n_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
-def time_train_step(loss_fn, params, batch, steps):
-    opt = torch.optim.Adam(params, lr=1e-4)
-    times = []
-    for _ in range(steps + 1):  # the first step is warm-up
-        t0 = time.perf_counter()
+def train_step_fn(loss_fn, params, batch):
+    """One Adam step of ``loss_fn(batch)`` as a closure (for interleaved timing)."""
+    opt = torch.optim.Adam(list(params), lr=1e-4)
+
+    def step():
         loss = loss_fn(batch)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        times.append(time.perf_counter() - t0)
-    return min(times[1:])
+
+    return step
 
 
-def time_sampling(sample_fn, repeats):
-    times = []
-    for _ in range(repeats + 1):
-        t0 = time.perf_counter()
-        sample_fn()
-        times.append(time.perf_counter() - t0)
-    return min(times[1:])
+def interleaved_times(fns, rounds):
+    """Run every function once per round, round-robin, after one warm-up round.
+
+    Returns per-function lists of wall times; load spikes on a shared machine then hit all
+    contenders alike, and the per-round ratios stay meaningful.
+    """
+    times = [[] for _ in fns]
+    for r in range(rounds + 1):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            if r:
+                times[i].append(time.perf_counter() - t0)
+    return times
+
+
+def ratio(slow, fast):
+    """Median of per-round ratios ``slow / fast`` (> 1: ``fast`` is faster)."""
+    return statistics.median(a / b for a, b in zip(slow, fast))
 
 
 def bpd_in_budget(model, loss_fn, train_images, val_images, budget, batch_size, lr, seed):
@@ -116,7 +129,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tutorial-ref", default=None, help="scratch copy of the tutorial's layers (outside the repo)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--steps", type=int, default=3, help="timed training steps per model (min is reported)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per model (median reported)")
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--budget", type=float, default=30.0, help="seconds of training per model on digits")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (benchmark only)")
@@ -130,12 +143,11 @@ def main(argv=None):
 
     # -- 1. multiscale: flowkit vs the tutorial's own layers (1x28x28, 256 levels) -------------
     x = torch.randint(0, 256, (args.batch_size, 1, 28, 28), device=device)
-    rows = []
+    models = []  # (name, params, train step fn, sample fn)
     ms = tutorial_flow("multiscale").to(device)
     ms.initialize(x)
-    rows.append(("flowkit tutorial_flow('multiscale')", n_params(ms),
-                 time_train_step(lambda b: ms.bpd(b).mean(), ms.parameters(), x, args.steps),
-                 time_sampling(lambda: ms.sample(args.samples), 2)))
+    models.append(("flowkit tutorial_flow('multiscale')", n_params(ms),
+                   train_step_fn(lambda b: ms.bpd(b).mean(), ms.parameters(), x), lambda: ms.sample(args.samples)))
     if args.tutorial_ref:
         try:
             ref = load_tutorial_ref(args.tutorial_ref)
@@ -143,9 +155,8 @@ def main(argv=None):
             print(f"(no tutorial reference at {args.tutorial_ref}; row skipped)")
         else:
             tm = ref.create_multiscale_flow().to(device)
-            rows.append(("tutorial's own layers (multiscale)", n_params(tm),
-                         time_train_step(tm, tm.parameters(), x, args.steps),
-                         time_sampling(lambda: tm.sample(args.samples, tm.latent_shape), 2)))
+            models.append(("tutorial's own layers (multiscale)", n_params(tm), train_step_fn(tm, tm.parameters(), x),
+                           lambda: tm.sample(args.samples, tm.latent_shape)))
 
     # -- 2. Glow: flowkit (nflows parts) vs normflows' GlowBlock, 2 levels x 4 steps ------------
     fk = glow((1, 28, 28), levels=2, steps_per_level=4, hidden_channels=64, num_layers=1,
@@ -154,23 +165,23 @@ def main(argv=None):
     nfg = NormflowsGlow((1, 28, 28), 256, levels=2, steps=4, hidden=200).to(device)
     with torch.no_grad():
         nfg.bpd(x)  # normflows' ActNorm initialises on its first batch
-    rows.append(("flowkit glow(L=2, K=4, 64 hidden)", n_params(fk),
-                 time_train_step(lambda b: fk.bpd(b).mean(), fk.parameters(), x, args.steps),
-                 time_sampling(lambda: fk.sample(args.samples), 2)))
-    rows.append(("normflows Glow (L=2, K=4, 200 hidden)", n_params(nfg),
-                 time_train_step(lambda b: nfg.bpd(b).mean(), nfg.parameters(), x, args.steps),
-                 time_sampling(lambda: nfg.sample(args.samples), 2)))
+    models.append(("flowkit glow(L=2, K=4, 64 hidden)", n_params(fk),
+                   train_step_fn(lambda b: fk.bpd(b).mean(), fk.parameters(), x), lambda: fk.sample(args.samples)))
+    models.append(("normflows Glow (L=2, K=4, 200 hidden)", n_params(nfg),
+                   train_step_fn(lambda b: nfg.bpd(b).mean(), nfg.parameters(), x), lambda: nfg.sample(args.samples)))
 
-    print(f"{'model (1x28x28)':<40} {'params':>10} {'train step':>11} {'sample ' + str(args.samples):>11}")
-    for name, n, step, sample in rows:
-        print(f"{name:<40} {n:>10,} {step * 1e3:>9.0f}ms {sample * 1e3:>9.0f}ms")
-    by = {r[0]: r for r in rows}
-    if len(rows) == 4:
-        a, b = rows[0], rows[1]
-        print(f"\ntutorial layers / flowkit multiscale: train step x{b[2] / a[2]:.2f}, sampling x{b[3] / a[3]:.2f} "
-              "(>1: flowkit faster)")
-    a, b = by["flowkit glow(L=2, K=4, 64 hidden)"], by["normflows Glow (L=2, K=4, 200 hidden)"]
-    print(f"normflows Glow / flowkit glow:        train step x{b[2] / a[2]:.2f}, sampling x{b[3] / a[3]:.2f}")
+    train_t = dict(zip((m[0] for m in models), interleaved_times([m[2] for m in models], args.rounds)))
+    sample_t = dict(zip((m[0] for m in models), interleaved_times([m[3] for m in models], args.rounds)))
+    print(f"{'model (1x28x28)':<40} {'params':>10} {'train step':>11} {'sample ' + str(args.samples):>11}  (medians of {args.rounds} interleaved rounds)")
+    for name, n, _, _ in models:
+        print(f"{name:<40} {n:>10,} {statistics.median(train_t[name]) * 1e3:>9.0f}ms {statistics.median(sample_t[name]) * 1e3:>9.0f}ms")
+    pairs = [("tutorial's own layers (multiscale)", "flowkit tutorial_flow('multiscale')", "tutorial layers / flowkit multiscale"),
+             ("normflows Glow (L=2, K=4, 200 hidden)", "flowkit glow(L=2, K=4, 64 hidden)", "normflows Glow / flowkit glow")]
+    print()
+    for peer, ours, label in pairs:
+        if peer in train_t:
+            print(f"{label:<38} train step x{ratio(train_t[peer], train_t[ours]):.2f}, "
+                  f"sampling x{ratio(sample_t[peer], sample_t[ours]):.2f}  (>1: flowkit faster)")
 
     # -- 3. bits/dim on digits after a fixed time budget --------------------------------------
     from flowkit.commands.demo import DEMO_LR, DEMO_MODEL_KWARGS

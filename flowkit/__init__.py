@@ -12,8 +12,8 @@ _nflows_compat.apply_patches()
 
 from flowkit import layers, models  # noqa: E402
 from flowkit.check import CheckReport, check_transform  # noqa: E402
-from flowkit.models import ImageFlow, tutorial_flow  # noqa: E402
+from flowkit.models import ImageFlow, build_model, glow, tutorial_flow  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["CheckReport", "ImageFlow", "check_transform", "layers", "models", "tutorial_flow", "__version__"]
+__all__ = ["CheckReport", "ImageFlow", "build_model", "check_transform", "glow", "layers", "models", "tutorial_flow", "__version__"]

@@ -24,15 +24,6 @@ def _images(n=8, seed=0):
     return torch.randint(0, LEVELS, (n, *SHAPE), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is faster than two fighting over a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def multiscale():
     torch.manual_seed(0)

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -125,8 +126,14 @@ def runs(tmp_path_factory):
     half = _single_process(tmp / "half", GLOBAL_BATCH // 2)
     out, results = tmp / "ddp", tmp / "ranks"
     results.mkdir()
-    mp.start_processes(_worker, args=(2, _free_port(), str(out), str(results)), nprocs=2, join=True,
-                       start_method="fork")
+    procs = mp.start_processes(_worker, args=(2, _free_port(), str(out), str(results)), nprocs=2, join=False,
+                               start_method="fork")
+    deadline = time.monotonic() + 300  # a hung collective must fail the test, not stall CI
+    while not procs.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in procs.processes:
+                p.kill()
+            pytest.fail("2-process gloo run did not finish within 300 s")
     ranks = [torch.load(results / f"rank{r}.pt", weights_only=False) for r in range(2)]
     return {"out": out, "ranks": ranks, "single": single, "half": half}
 

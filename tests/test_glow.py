@@ -17,15 +17,6 @@ from flowkit.models.glow import COUPLINGS, ClampedAffineCoupling, glow_coupling,
 DTYPES = [torch.float32, torch.float64]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add overhead (10x slower on a shared 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 TINY = dict(levels=2, steps_per_level=2, hidden_channels=8, num_layers=1)
 
 

@@ -26,8 +26,15 @@ def _stack(split):
 
 
 def _run(args) -> int:
+    import torch
+
     from flowkit.data import dataset_info, load_splits
     from flowkit.training import NonFiniteLossError, TrainConfig, independent_pixel_bpd, train
+
+    if args.threads:
+        # the demo's model is tiny: extra intra-op threads cost more in synchronisation than
+        # they gain, and a busy CPU makes them spin (3x-30x slower steps measured on 2 cores)
+        torch.set_num_threads(args.threads)
 
     config = TrainConfig(
         data="digits", model="glow", model_kwargs=dict(DEMO_MODEL_KWARGS), epochs=args.epochs, lr=args.lr,
@@ -87,4 +94,5 @@ def register(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--max-train-batches", type=int, default=None, help="batches per epoch (quick runs)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads for this run (0: torch's default)")
     p.set_defaults(func=_run)
