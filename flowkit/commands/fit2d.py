@@ -1,7 +1,9 @@
 """``flowkit fit2d``: fit a 2D target by reverse KL, print the metrics, write PNGs.
 
-Example: ``flowkit fit2d --target two-modes --flow planar --layers 16 --iters 1500 --out runs/fit2d``
-(``--preset strong`` for the recommended stronger setting, ``--preset seed`` for the seed's).
+Example: ``flowkit fit2d --target two-modes --out runs/fit2d`` (preset ``fast``: the seed's 16
+Planar flows, 2000 steps of 512 with the sticking-the-landing path gradient; KL 0.07-0.10 nats on
+TwoModes in 3 of 4 runs, 0.23 in the fourth). ``--preset strong`` for the recommended stronger setting (nflows splines through the
+bridge), ``--preset seed`` for the seed's loop; any option below overrides the preset.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ def _run(args) -> int:
     from flowkit.toy2d.plots import save_fit_pictures
 
     cfg = dict(PRESETS[args.preset])
-    for key in ("flow", "layers", "iters", "batch_size", "lr", "anneal_iters", "weight_decay"):
+    for key in ("flow", "layers", "iters", "batch_size", "lr", "anneal_iters", "weight_decay", "gradient"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     target = get_target(args.target)
@@ -59,6 +61,8 @@ def register(sub) -> None:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--anneal-iters", type=int, default=None)
     p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--gradient", default=None, choices=("path", "total"),
+                   help="path: sticking-the-landing path derivative (presets fast/strong); total: the plain one (seed)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--eval-samples", type=int, default=100_000)
