@@ -3,7 +3,7 @@
 The seed (004_): TwoModes(2, 0.1), 16 normflows Planar on DiagGaussian(2), Adam(lr 1e-3,
 wd 1e-4), 20,000 steps of 40 samples, beta = min(1, 0.01 + it / 10000), the loss fetched to
 the host every step. flowkit runs its ``fast`` preset (fit()'s defaults, also
-``flowkit fit2d``'s: the same 16 Planar flows, batch 512, cosine lr, sticking-the-landing path
+``flowkit fit2d``'s: the same 16 Planar flows, 3000 x 512, cosine lr 5e-3, sticking-the-landing path
 gradient) and its ``strong`` preset.
 
 Each run is evaluated at checkpoints (20k samples, time excluded from the training clock); the
