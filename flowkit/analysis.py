@@ -166,9 +166,7 @@ def plot_dequantization_distribution(
     ax.set_title(title or f"Dequantization distribution for {num_levels} levels" + (" (with prior)" if prior is not None else ""), fontsize=9)
     ax.legend(fontsize=6, ncol=2 if num_levels > 8 else 1, loc="upper right")
     fig.tight_layout()
-    out = atomic_savefig(fig, path, dpi=DPI)
-    plt.close(fig)
-    return out
+    return atomic_savefig(fig, path, dpi=DPI)
 
 
 # -- learned dequantization noise ---------------------------------------------------------------
@@ -261,9 +259,7 @@ def plot_dequantization_noise(
         for ax in (ax_u, ax_z):
             ax.tick_params(labelsize=7)
     fig.tight_layout()
-    out = atomic_savefig(fig, path, dpi=DPI)
-    plt.close(fig)
-    return out, stats
+    return atomic_savefig(fig, path, dpi=DPI), stats
 
 
 # -- image grids with row labels ----------------------------------------------------------------
@@ -305,9 +301,7 @@ def _save_rows(
         ax.set_yticks([])
     if title:
         fig.text(0.5, 1 - (title_px / 2) / height, title, ha="center", va="center", fontsize=8)
-    out = atomic_savefig(fig, path, dpi=DPI)
-    plt.close(fig)
-    return out
+    return atomic_savefig(fig, path, dpi=DPI)
 
 
 # -- interpolation -----------------------------------------------------------------------------

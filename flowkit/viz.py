@@ -34,13 +34,17 @@ def image_grid(images: torch.Tensor, num_levels: int, nrow: int | None = None, p
     return np.clip(grid, 0.0, 1.0)
 
 
-def atomic_savefig(fig, path: str | os.PathLike, **kwargs) -> Path:
-    """Save a matplotlib figure to ``path`` atomically (write a temp file, then rename)."""
+def atomic_savefig(fig, path: str | os.PathLike, close: bool = True, **kwargs) -> Path:
+    """Save a matplotlib figure to ``path`` atomically (temp file, then rename) and close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     fig.savefig(tmp, **kwargs)
     os.replace(tmp, path)
+    if close:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
     return path
 
 
@@ -66,9 +70,7 @@ def save_image_grid(
     ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=9)
-    out = atomic_savefig(fig, path, dpi=100)
-    plt.close(fig)
-    return out
+    return atomic_savefig(fig, path, dpi=100)
 
 
 def save_curves(
@@ -100,6 +102,4 @@ def save_curves(
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    out = atomic_savefig(fig, path, dpi=100)
-    plt.close(fig)
-    return out
+    return atomic_savefig(fig, path, dpi=100)

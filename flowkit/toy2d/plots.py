@@ -71,9 +71,7 @@ def plot_target(target: Target2D | str, path: str | os.PathLike, box=None, size:
     fig, ax = plt.subplots(figsize=(4, 4))
     _imshow(ax, target_density_grid(target, box, size), box, f"target {target.name}")
     fig.tight_layout()
-    out = atomic_savefig(fig, path, dpi=100)
-    plt.close(fig)
-    return out
+    return atomic_savefig(fig, path, dpi=100)
 
 
 def plot_model(model, target: Target2D | str, path: str | os.PathLike, box=None, size: int = 200) -> Path:
@@ -88,9 +86,7 @@ def plot_model(model, target: Target2D | str, path: str | os.PathLike, box=None,
     _imshow(axes[0], target_density_grid(target, box, size), box, f"target {target.name}")
     _imshow(axes[1], dens, box, f"model q ({how})")
     fig.tight_layout()
-    out = atomic_savefig(fig, path, dpi=100)
-    plt.close(fig)
-    return out
+    return atomic_savefig(fig, path, dpi=100)
 
 
 def plot_loss(loss: Sequence[float], path: str | os.PathLike, log_z: float | None = None) -> Path:
@@ -114,9 +110,7 @@ def plot_loss(loss: Sequence[float], path: str | os.PathLike, log_z: float | Non
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    out = atomic_savefig(fig, path, dpi=100)
-    plt.close(fig)
-    return out
+    return atomic_savefig(fig, path, dpi=100)
 
 
 def plot_snapshots(snapshots: Sequence[tuple[int, np.ndarray]], target: Target2D | str, path: str | os.PathLike, size: int = 100) -> Path:
@@ -138,9 +132,7 @@ def plot_snapshots(snapshots: Sequence[tuple[int, np.ndarray]], target: Target2D
         h, _, _ = np.histogram2d(x[:, 1], x[:, 0], bins=size, range=[[y0, y1], [x0, x1]])
         _imshow(ax, h, target.box, f"step {step}")
     fig.tight_layout()
-    out = atomic_savefig(fig, path, dpi=100)
-    plt.close(fig)
-    return out
+    return atomic_savefig(fig, path, dpi=100)
 
 
 def save_fit_pictures(result, target: Target2D | str, out_dir: str | os.PathLike) -> list[Path]:
