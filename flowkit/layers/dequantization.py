@@ -128,6 +128,10 @@ class Dequantization(Transform):
         check_float_tensor(noise, "noise")
         if noise.shape != inputs.shape:
             raise ValueError(f"noise: expected shape {tuple(inputs.shape)}, got {tuple(noise.shape)}")
+        return self._forward_checked(inputs, noise)
+
+    def _forward_checked(self, inputs: torch.Tensor, noise: torch.Tensor):
+        """:meth:`forward_with_noise` on inputs already validated."""
         x = inputs.to(noise.dtype)
         u0, log_q = self._noise(x, noise)
         m = self.noise_margin
@@ -137,8 +141,8 @@ class Dequantization(Transform):
         return z, ladj - log_q, log_q
 
     def forward(self, inputs: torch.Tensor, context=None):
-        check_image_batch(inputs, "inputs", self.num_levels)
-        z, logabsdet, _ = self.forward_with_noise(inputs, self.sample_noise(inputs))
+        check_image_batch(inputs, "inputs", self.num_levels)  # once: it syncs with the device
+        z, logabsdet, _ = self._forward_checked(inputs, self.sample_noise(inputs))
         return z, logabsdet
 
     def inverse(self, inputs: torch.Tensor, context=None):
