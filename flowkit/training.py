@@ -488,9 +488,10 @@ def _train(config: TrainConfig, ctx: DistributedContext) -> dict:
                 continue
             optimizer.step()
             consecutive = 0
-            total += float(loss.detach()) * x.shape[0]
+            step_bpd = float(loss.detach())
+            total += step_bpd * x.shape[0]
             count += x.shape[0]
-            bar.set_postfix(bpd=f"{float(loss.detach()):.3f}")
+            bar.set_postfix(bpd=f"{step_bpd:.3f}")
         scheduler.step()
         skipped_total += skipped
         total, count = ctx.all_reduce_sum([total, count])
