@@ -3,8 +3,10 @@
 The seed (004_): TwoModes(2, 0.1), 16 normflows Planar on DiagGaussian(2), Adam(lr 1e-3,
 wd 1e-4), 20,000 steps of 40 samples, beta = min(1, 0.01 + it / 10000), the loss fetched to
 the host every step. flowkit runs its ``fast`` preset (fit()'s defaults, also
-``flowkit fit2d``'s: the same 16 Planar flows, 3000 x 512, cosine lr 5e-3, sticking-the-landing path
-gradient) and its ``strong`` preset.
+``flowkit fit2d``'s: the same 16 Planar flows, 8 random restarts trained together through the
+annealing, the best 2 go on, 2000 steps of 512, cosine lr 1e-2, sticking-the-landing path
+gradient) and its ``strong`` preset (see ``flowkit.toy2d.PRESETS``). While restarts run together
+the checkpoint evaluations follow the restart with the lowest recent loss.
 
 Each run is evaluated at checkpoints (20k samples, time excluded from the training clock); the
 final metrics use 100k samples. Printed: training time, final KL(q||p)/ESS, the training time
@@ -53,8 +55,7 @@ def seed_loop(iters: int, every: int, eval_samples: int, target):
 
 def flowkit_run(name: str, preset: dict, every: int, eval_samples: int, target):
     cfg = dict(preset)
-    torch.manual_seed(0)
-    model = build_flow(cfg.pop("flow"), cfg.pop("layers"), **cfg.pop("flow_kwargs", {}))
+    flow, layers, flow_kwargs = cfg.pop("flow"), cfg.pop("layers"), cfg.pop("flow_kwargs", {})
     curve, t_eval = [], [0.0]
     clock = [time.perf_counter()]
 
@@ -67,7 +68,7 @@ def flowkit_run(name: str, preset: dict, every: int, eval_samples: int, target):
             curve.append((step, train, m.reverse_kl, m.ess))
             print(f"  {name:<5} step {step:>6} {train:7.1f}s KL={m.reverse_kl:.4f} ESS={m.ess:.3f}", flush=True)
 
-    r = fit(model, target, progress=False, seed=0, sync_every=every // 2 if every >= 100 else every, callback=cb, **cfg)
+    r = fit(lambda: build_flow(flow, layers, **flow_kwargs), target, progress=False, seed=0, sync_every=every // 2 if every >= 100 else every, callback=cb, **cfg)
     return r.model, r.seconds - t_eval[0], curve
 
 

@@ -1,5 +1,6 @@
 """flowkit.toy2d: targets and their log Z, metrics against closed forms, fit, plots, CLI."""
 
+import copy
 import math
 
 import normflows as nf
@@ -154,6 +155,139 @@ def test_fit_total_then_path_gradient_with_late_batch():
     assert np.isfinite(r.loss).all()
 
 
+def _two_models(kind="planar", **kw):
+    torch.manual_seed(0)
+    return [build_flow(kind, 3, **kw) for _ in range(2)]
+
+
+@pytest.mark.parametrize("kind", ["planar", "affine", "nflows-spline"])
+def test_stacked_restarts_match_separate_models(kind):
+    """Restarts run together (vmap, or a loop for what vmap cannot run) = each model on its own."""
+    from flowkit.toy2d.fit import _loss, _push, _Single, _Stacked
+
+    models = _two_models(kind, **({} if kind == "planar" else {"hidden": 8}))
+    refs = copy.deepcopy(models)
+    stacked = _Stacked(models)
+    # normflows' couplings add log-dets in place into an unbatched tensor, spline bins use
+    # data-dependent indexing: vmap rejects both, so they run as a loop
+    assert stacked.vectorized == (kind == "planar")
+    z0 = torch.randn(2, 64, 2, generator=torch.Generator().manual_seed(1))
+    x, log_q = stacked.push(z0)
+    assert stacked.draw(5).shape == (2, 5, 2)
+    target = get_target("two-modes")
+    (log_q - target.log_prob(x.reshape(-1, 2)).reshape(2, 64)).mean(-1).sum().backward()
+    for i, (m, ref) in enumerate(zip(models, refs)):
+        xi, lqi = _push(ref, z0[i])
+        torch.testing.assert_close(x[i], xi)
+        torch.testing.assert_close(log_q[i], lqi)
+        (lqi - target.log_prob(xi)).mean().backward()
+        for (name, p), q in zip(m.named_parameters(), ref.parameters()):
+            g = stacked.params[f"m.{name}"].grad[i] if stacked.vectorized else p.grad
+            torch.testing.assert_close(g, q.grad)
+        assert sum(q.grad.abs().sum() for q in ref.parameters()) > 0
+    # the sticking-the-landing surrogate, on the same draws, restarts together = each alone
+    def reparam(q0_loc, q0_log_scale, e):  # DiagGaussian's draw, with fixed noise e
+        return q0_loc + q0_log_scale.exp() * e
+
+    if stacked.vectorized:
+        stacked.draw = lambda n: reparam(stacked.params["m.q0.loc"], stacked.params["m.q0.log_scale"], z0)
+    else:
+        stacked.draw = lambda n: torch.stack([reparam(m.q0.loc, m.q0.log_scale, z0[i]) for i, m in enumerate(models)])
+    surrogate, _ = _loss(stacked, target, 64, 0.7, path=True)
+    g_stacked = torch.autograd.grad(surrogate.sum(), stacked.parameters())
+    for i, ref in enumerate(refs):
+        single = _Single(ref)
+        single.draw = lambda n, i=i, ref=ref: reparam(ref.q0.loc, ref.q0.log_scale, z0[i])
+        g_single = torch.autograd.grad(_loss(single, target, 64, 0.7, path=True)[0], list(ref.parameters()))
+        mine = [g[i] for g in g_stacked] if stacked.vectorized else g_stacked[i * len(g_single):(i + 1) * len(g_single)]
+        for a, b in zip(mine, g_single):
+            torch.testing.assert_close(a, b)
+    if stacked.vectorized:  # export copies restart i's current parameters into its own module
+        with torch.no_grad():
+            for v in stacked.params.values():
+                v.add_(1.0)
+        m1 = stacked.export(1)
+        for name, p in m1.named_parameters():
+            torch.testing.assert_close(p, stacked.params[f"m.{name}"][1])
+
+
+def test_fit_with_restarts_keeps_the_best_and_improves():
+    torch.manual_seed(0)
+    before = evaluate(build_flow("planar", 4), "two-modes", 5000, forward=False).reverse_kl  # ~27
+    log_z = get_target("two-modes").log_z
+    for select_at in (60, 200):  # after the annealing (then one restart goes on), or at the end
+        result = fit(lambda: build_flow("planar", 4), "two-modes", iters=200, batch_size=128, lr=1e-2, anneal_iters=60,
+                     restarts=4, select_at=select_at, keep=1, keep_best=False, progress=False, sync_every=50, seed=0)
+        assert isinstance(result.model, nf.NormalizingFlow) and result.loss.shape == (200,) and np.isfinite(result.loss).all()
+        scores = result.restart_scores
+        assert scores.shape == (4,) and result.restart == int(np.argmin(scores))
+        assert len(set(np.round(scores, 4))) == 4  # the restarts start from different initialisations
+        kl = evaluate(result.model, "two-modes", 5000, forward=False).reverse_kl
+        assert kl < before / 5, (before, kl)
+    assert abs(scores[result.restart] + log_z - kl) < 0.1  # chosen at the end: the score is KL - log Z
+    # two restarts go on together after the selection; keep_best returns the best (restart, step) seen
+    result = fit(lambda: build_flow("planar", 4), "two-modes", iters=200, batch_size=128, lr=1e-2, anneal_iters=60,
+                 restarts=4, keep=2, keep_best=True, progress=False, sync_every=50, seed=0)
+    kept = np.argsort(result.restart_scores)[:2]
+    assert result.restart in kept and result.best_step in (100, 150, 200)
+    assert np.isfinite(result.loss).all()
+    kl2 = evaluate(result.model, "two-modes", 5000, forward=False).reverse_kl
+    assert kl2 < before / 5, (before, kl2)
+
+
+def test_select_skips_a_restart_that_went_non_finite():
+    from flowkit.toy2d.fit import _select, _Stacked
+
+    stacked = _Stacked(_two_models())
+    opt = torch.optim.Adam(stacked.parameters(), lr=1e-3)
+    past = np.zeros((3, 2))
+    past[1, 0] = np.nan
+    runner, new_opt, kept, scores = _select(stacked, opt, get_target("two-modes"), 256, past, 1)
+    assert kept == [1] and scores[0] == np.inf and runner.export() is stacked.models[1]
+    assert [p for g in new_opt.param_groups for p in g["params"]] == list(stacked.models[1].parameters())
+
+
+def test_chi2_polish_covers_mass_where_reverse_kl_seeks_a_mode():
+    """One Gaussian fitted to TwoModes: reverse KL sits on one mode; chi^2 (1/ESS) spans both."""
+    found = {}
+    for chi2_from in (None, 0):
+        r = fit(_gaussian_model([0.3, 0.1], [0.0, 0.0]), "two-modes", iters=400, batch_size=1024, lr=2e-2, anneal_iters=0,
+                chi2_from=chi2_from, gradient="total", progress=False, seed=0)
+        found[chi2_from] = (r.model.flows[0].t[0, 0].item(), r.model.flows[0].s[0, 0].exp().item())
+    (mu_kl, sx_kl), (mu_chi, sx_chi) = found[None], found[0]
+    assert abs(mu_kl) > 1.5 and sx_kl < 0.5, found  # modes at x = +-2
+    assert abs(mu_chi) < 0.5 and sx_chi > 1.5, found
+    with pytest.raises(ValueError, match="chi2_from"):
+        fit(None, "two-modes", iters=5, chi2_from=6)
+
+
+def test_selection_scores_are_kl_and_ess():
+    from flowkit.toy2d.fit import _scores, _Single
+
+    target = GaussianTarget((0.0, 0.0), ((4.0, 0.0), (0.0, 0.25)))
+    exact = _Single(_gaussian_model([0.0, 0.0], [math.log(2.0), math.log(0.5)]))
+    assert abs(float(_scores(exact, target, 4096)) + target.log_z) < 1e-5  # KL 0
+    assert abs(float(_scores(exact, target, 4096, ess=True))) < 1e-5  # ESS 1
+    off = _Single(_gaussian_model([0.5, 0.0], [0.0, 0.0]))
+    z = torch.randn(4096, 2, generator=torch.Generator().manual_seed(0))
+    off.draw = lambda n: z
+    x, log_q = off.push(z)
+    w = torch.exp(target.log_prob(x) - log_q)
+    assert abs(float(_scores(off, target, 4096, ess=True)) + math.log((w.sum() ** 2 / (4096 * (w ** 2).sum())).item())) < 1e-5
+    assert abs(float(_scores(off, target, 4096)) - (log_q - target.log_prob(x)).mean().item()) < 1e-5
+
+
+def test_fit_restart_args():
+    with pytest.raises(ValueError, match="restarts=2 needs model=None or a zero-argument builder"):
+        fit(build_flow("planar", 2), "two-modes", iters=5, restarts=2)
+    with pytest.raises(ValueError, match="restarts"):
+        fit(None, "two-modes", iters=5, restarts=0)
+    with pytest.raises(ValueError, match=r"select_at: expected an int in \[0, iters=5\]"):
+        fit(None, "two-modes", iters=5, restarts=2, select_at=6)
+    with pytest.raises(TypeError, match="model"):
+        fit("planar", "two-modes", iters=5)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fit_on_cuda():
     r = fit(build_flow("planar", 4), "two-modes", iters=50, batch_size=128, device="cuda", progress=False)
@@ -186,21 +320,24 @@ def test_cli_fit2d(tmp_path, capsys):
     rc = main(["fit2d", "--target", "two-modes", "--layers", "2", "--iters", "20", "--batch-size", "32",
                "--eval-samples", "2000", "--no-progress", "--out", str(tmp_path)])
     out = capsys.readouterr().out
-    assert rc == 0 and "KL(q||p)" in out and "two-modes" in out
+    assert rc == 0 and "KL(q||p)" in out and "two-modes" in out and "best of 8 restarts" in out
     for name in ("target.png", "model.png", "loss.png", "metrics.json"):
         assert (tmp_path / name).exists()
+    rc = main(["fit2d", "--preset", "seed", "--layers", "2", "--iters", "20", "--eval-samples", "2000", "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "restarts" not in out and "20 steps of 40 samples" in out
 
 
 def test_path_gradient_is_total_gradient_minus_score():
     """Sticking the landing: path gradient = total reparameterised gradient - score term, same samples."""
-    from flowkit.toy2d.fit import _path_gradient_loss
+    from flowkit.toy2d.fit import _loss, _Single
 
     target = get_target("two-modes")
     torch.manual_seed(0)
     model = build_flow("planar", 3, act="leaky_relu").double()  # invertible, so the score term is computable
     params = list(model.parameters())
     torch.manual_seed(1)
-    surrogate, loss_path = _path_gradient_loss(model, target, 64, 0.5)
+    surrogate, loss_path = _loss(_Single(model), target, 64, 0.5, path=True)
     g_path = torch.autograd.grad(surrogate, params)
     torch.manual_seed(1)
     x, log_q = model.sample(64)
@@ -215,11 +352,11 @@ def test_path_gradient_is_total_gradient_minus_score():
 
 def test_path_gradient_vanishes_at_the_optimum():
     """q = p exactly: every sample's path gradient is 0, the total gradient's is not (Roeder et al., 2017)."""
-    from flowkit.toy2d.fit import _path_gradient_loss
+    from flowkit.toy2d.fit import _loss, _Single
 
     target = GaussianTarget((0.0, 0.0), ((4.0, 0.0), (0.0, 0.25)))
     model = _gaussian_model([0.0, 0.0], [math.log(2.0), math.log(0.5)])
-    surrogate, loss = _path_gradient_loss(model, target, 256, 1.0)
+    surrogate, loss = _loss(_Single(model), target, 256, 1.0, path=True)
     assert abs(loss.item() + target.log_z) < 1e-5  # E_q[log q - log p~] = -log Z
     for g in torch.autograd.grad(surrogate, list(model.parameters())):
         assert g.abs().max() < 1e-5
