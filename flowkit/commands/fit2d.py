@@ -5,6 +5,7 @@ Planar flows, 8 random restarts trained together through the annealing, the 2 wi
 KL go on, 2000 steps of 512 at lr 1e-2 with the sticking-the-landing path gradient; on TwoModes
 KL 0.03-0.10 nats on seeds 0-7). ``--preset strong`` adds a chi^2 (ESS) polish for
 importance sampling, ``--preset seed`` is the seed's loop; any option below overrides the preset.
+Runs on one CPU thread by default (``--threads``): the flows are tiny, more threads only wait.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ def _run(args) -> int:
     from flowkit.toy2d import PRESETS, build_flow, evaluate, fit, format_metrics, get_target
     from flowkit.toy2d.plots import save_fit_pictures
 
+    if args.threads:  # 2D flows are tiny: extra intra-op threads cost more in synchronisation than they give
+        torch.set_num_threads(args.threads)
     cfg = dict(PRESETS[args.preset])
     for key in ("flow", "layers", "iters", "batch_size", "lr", "anneal_iters", "weight_decay", "gradient", "restarts"):
         if getattr(args, key) is not None:
@@ -71,6 +74,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--eval-samples", type=int, default=100_000)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads for this run (0: torch's default)")
     p.add_argument("--snapshot-every", type=int, default=0, help="keep samples every N steps (snapshots.png)")
     p.add_argument("--out", default=None, help="directory for target.png, model.png, loss.png, metrics.json")
     p.add_argument("--no-progress", action="store_true")
