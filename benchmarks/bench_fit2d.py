@@ -5,7 +5,8 @@ wd 1e-4), 20,000 steps of 40 samples, beta = min(1, 0.01 + it / 10000), the loss
 the host every step. flowkit runs its ``fast`` preset (fit()'s defaults, also
 ``flowkit fit2d``'s: the same 16 Planar flows, 8 random restarts trained together through the
 annealing, the best 2 go on, 2000 steps of 512, cosine lr 1e-2, sticking-the-landing path
-gradient) and its ``strong`` preset (see ``flowkit.toy2d.PRESETS``). While restarts run together
+gradient) and its ``strong`` preset (the same, then 2 identity-initialised spline couplings refine
+all layers with a chi^2 polish; see ``flowkit.toy2d.PRESETS``). While restarts run together
 the checkpoint evaluations follow the restart with the lowest recent loss.
 
 Each run is evaluated at checkpoints (20k samples, time excluded from the training clock); the
@@ -24,7 +25,7 @@ import normflows as nf
 import numpy as np
 import torch
 
-from flowkit.toy2d import PRESETS, build_flow, evaluate, fit, get_target
+from flowkit.toy2d import PRESETS, REFINE, build_flow, evaluate, fit, get_target
 
 
 def seed_loop(iters: int, every: int, eval_samples: int, target):
@@ -53,14 +54,21 @@ def seed_loop(iters: int, every: int, eval_samples: int, target):
     return nfm, train, curve
 
 
+def total_iters(cfg: dict) -> int:
+    """Steps of a preset, its refine stage included."""
+    refine = cfg.get("refine")
+    return cfg["iters"] + (({**REFINE, **refine} if isinstance(refine, dict) else REFINE)["iters"] if refine else 0)
+
+
 def flowkit_run(name: str, preset: dict, every: int, eval_samples: int, target):
     cfg = dict(preset)
     flow, layers, flow_kwargs = cfg.pop("flow"), cfg.pop("layers"), cfg.pop("flow_kwargs", {})
+    total = total_iters(cfg)
     curve, t_eval = [], [0.0]
     clock = [time.perf_counter()]
 
     def cb(step, model, loss):
-        if step % every == 0 or step == cfg["iters"]:
+        if step % every == 0 or step == total:
             t = time.perf_counter()
             m = evaluate(model, target, eval_samples, forward=False)
             t_eval[0] += time.perf_counter() - t
@@ -118,7 +126,7 @@ def main() -> None:
         hit = f"{t_hit:.1f}s@{step}" if t_hit is not None else "never"
         ratio = f"{seed_time / t_hit:.1f}x" if t_hit else "-"
         f = final[k]
-        print(f"{k:<8} {cfg['iters']:>7} x {cfg['batch_size']:<4} {train:>8.1f} {f.reverse_kl:>9.4f}±{f.reverse_kl_se:.4f} {f.ess:>7.4f} {hit:>13} {ratio:>9}")
+        print(f"{k:<8} {total_iters(cfg):>7} x {cfg['batch_size']:<4} {train:>8.1f} {f.reverse_kl:>9.4f}±{f.reverse_kl_se:.4f} {f.ess:>7.4f} {hit:>13} {ratio:>9}")
     best = min(final, key=lambda k: final[k].reverse_kl)
     print(
         f"\nratios vs seed: fast time {runs['fast'][1] / seed_time:.3f}x of seed, "

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from flowkit.toy2d import build_flow, evaluate, fit, get_target, grid_log_z, is_invertible, list_targets
+from flowkit.toy2d import REFINE, build_flow, evaluate, extend_flow, fit, get_target, grid_log_z, is_invertible, list_targets
 from flowkit.toy2d.targets import GaussianTarget, Target2D
 
 
@@ -235,6 +235,75 @@ def test_fit_with_restarts_keeps_the_best_and_improves():
     assert kl2 < before / 5, (before, kl2)
 
 
+def test_extend_flow_starts_as_the_identity_and_shares_layers():
+    from flowkit.toy2d.fit import _push
+
+    torch.manual_seed(0)
+    base = build_flow("planar", 3)
+    ext = extend_flow(base, "nflows-spline", 2, hidden=8, tail_bound=3.0)
+    assert ext.q0 is base.q0 and list(ext.flows)[:3] == list(base.flows) and len(ext.flows) == 4
+    base_params = {id(p) for p in base.parameters()}
+    assert base_params < {id(p) for p in ext.parameters()}  # training ext trains base's layers too
+    z0 = 2.5 * torch.randn(2000, 2)  # inside and outside the spline interval [-3, 3]
+    with torch.no_grad():
+        (x, log_q), (x_ext, log_q_ext) = _push(base, z0), _push(ext, z0)
+    assert torch.allclose(x, x_ext, atol=1e-5) and torch.allclose(log_q, log_q_ext, atol=1e-5)
+    coupling = copy.deepcopy(ext.flows[3].transform._transforms[1]).double()  # the nflows coupling itself
+    u = 4 * torch.randn(500, 2, dtype=torch.float64)
+    out, ld = coupling(u)
+    assert torch.allclose(out, u, atol=1e-7) and ld.abs().max() < 1e-7  # exact up to the float32 bias
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in _grads(ext))  # not stuck at the identity
+    with pytest.raises(ValueError, match="kind: expected one of nflows-spline"):
+        extend_flow(base, "planar", 2)
+    with pytest.raises(ValueError, match="layers"):
+        extend_flow(base, "nflows-spline", 0)
+    with pytest.raises(TypeError, match="model"):
+        extend_flow(torch.nn.Linear(2, 2))
+
+
+def _grads(model):
+    model.zero_grad()
+    x, log_q = model.sample(256)
+    (log_q - get_target("two-modes").log_prob(x)).mean().backward()
+    return list(model.parameters())
+
+
+def test_fit_refine_extends_the_fitted_model_and_improves():
+    steps, seen = [], []
+
+    def record(step, model, loss):
+        steps.append(step)
+        seen.append((len(loss), len(model.flows)))
+
+    common = dict(iters=150, batch_size=256, lr=1e-2, anneal_iters=60, restarts=2, keep=1, progress=False, seed=0, sync_every=50)
+    first = fit(lambda: build_flow("planar", 4), "two-modes", **common)
+    kl_first = evaluate(first.model, "two-modes", 20000, forward=False).reverse_kl
+    r = fit(lambda: build_flow("planar", 4), "two-modes", refine=dict(iters=150, flow_kwargs=dict(hidden=16), chi2_from=None, late_from=None),
+            snapshot_every=50, snapshot_samples=100, callback=record, **common)
+    assert r.loss.shape == (300,) and np.isfinite(r.loss).all() and r.refined_from == 150
+    np.testing.assert_allclose(r.loss[:150], first.loss)  # the same first stage (same seed)
+    assert r.restart == first.restart and 150 < r.best_step <= 300
+    assert len(r.model.flows) == 5 and [s for s, _ in r.snapshots] == [50, 100, 150, 200, 250, 300]
+    assert steps == [50, 60, 100, 150, 200, 250, 300] and seen == [(s, 4 if s <= 150 else 5) for s in steps]
+    kl = evaluate(r.model, "two-modes", 20000, forward=False).reverse_kl
+    assert kl < kl_first - 0.05, (kl_first, kl)
+
+
+def test_fit_refine_args():
+    from flowkit.toy2d.fit import _check_refine
+
+    assert _check_refine(True) == REFINE and _check_refine({"layers": 3}) == {**REFINE, "layers": 3}
+    assert REFINE["flow"] == "nflows-spline" and REFINE["chi2_from"] < REFINE["iters"]
+    with pytest.raises(ValueError, match=r"refine: unknown keys \['itres'\]"):
+        fit(None, "two-modes", iters=5, refine=dict(itres=3))
+    with pytest.raises(ValueError, match=r"refine\['flow'\]"):
+        fit(None, "two-modes", iters=5, refine=dict(flow="planar"))
+    with pytest.raises(TypeError, match="refine"):
+        fit(None, "two-modes", iters=5, refine="yes")
+    with pytest.raises(ValueError, match=r"refine\['chi2_from'\]: expected None or an int in \[0, refine iters=100\]"):
+        fit(None, "two-modes", iters=5, refine=dict(iters=100))  # REFINE's chi2_from 700 > 100
+
+
 def test_select_skips_a_restart_that_went_non_finite():
     from flowkit.toy2d.fit import _select, _Stacked
 
@@ -326,6 +395,9 @@ def test_cli_fit2d(tmp_path, capsys):
     rc = main(["fit2d", "--preset", "seed", "--layers", "2", "--iters", "20", "--eval-samples", "2000", "--no-progress"])
     out = capsys.readouterr().out
     assert rc == 0 and "restarts" not in out and "20 steps of 40 samples" in out
+    rc = main(["fit2d", "--preset", "strong", "--no-refine", "--layers", "2", "--iters", "20", "--eval-samples", "2000", "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "best of 8 restarts" in out and "refined" not in out
 
 
 def test_path_gradient_is_total_gradient_minus_score():

@@ -6,8 +6,8 @@ sample size and the ``log Z`` estimate. Pictures live in :mod:`flowkit.toy2d.plo
 (matplotlib is imported there, on use).
 """
 
-from flowkit.toy2d.fit import PRESETS, FitResult, fit
-from flowkit.toy2d.flows import FLOW_KINDS, build_flow, is_invertible
+from flowkit.toy2d.fit import PRESETS, REFINE, FitResult, fit
+from flowkit.toy2d.flows import FLOW_KINDS, build_flow, extend_flow, is_invertible
 from flowkit.toy2d.metrics import Metrics, evaluate, format_metrics
 from flowkit.toy2d.targets import Target2D, get_target, grid_log_z, list_targets, register_target
 
@@ -16,9 +16,11 @@ __all__ = [
     "FitResult",
     "Metrics",
     "PRESETS",
+    "REFINE",
     "Target2D",
     "build_flow",
     "evaluate",
+    "extend_flow",
     "fit",
     "format_metrics",
     "get_target",

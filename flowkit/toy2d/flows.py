@@ -3,17 +3,20 @@
 Kinds: ``planar`` (the seed's 16x Planar; Rezende & Mohamed, 2015), ``radial``, ``affine``
 (RealNVP-style affine couplings, Dinh et al., 2017), ``spline`` (normflows' rational-quadratic
 coupling splines, Durkan et al., 2019) and ``nflows-spline`` (nflows' rational-quadratic
-couplings brought in through :func:`flowkit.bridge.to_normflows`).
+couplings brought in through :func:`flowkit.bridge.to_normflows`). :func:`extend_flow` appends
+layers that start as the identity to a fitted model (the ``refine`` stage of
+:func:`flowkit.toy2d.fit`).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import normflows as nf
 import torch
 
-__all__ = ["FLOW_KINDS", "build_flow", "is_invertible"]
+__all__ = ["FLOW_KINDS", "build_flow", "extend_flow", "is_invertible"]
 
 
 def _planar(layers: int, **kw) -> list:
@@ -42,7 +45,20 @@ def _spline(layers: int, hidden: int = 64, bins: int = 8, tail_bound: float = 4.
     return flows
 
 
-def _nflows_spline(layers: int, hidden: int = 64, bins: int = 8, tail_bound: float = 4.0, **kw) -> list:
+def _identity_spline(coupling) -> None:
+    """Make an nflows rational-quadratic coupling the identity: with the last layer of its net
+    zero, every bin has the same width and height, and the derivative bias puts slope 1 at every
+    knot (``min_derivative + softplus(c) = 1``, the value nflows pads the boundary knots with)."""
+    last = coupling.transform_net.final_layer
+    bins = coupling.num_bins
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.zero_()
+        last.bias.view(-1, 3 * bins - 1)[:, 2 * bins:] = math.log(math.expm1(1 - coupling.min_derivative))
+
+
+def _nflows_spline(layers: int, hidden: int = 64, bins: int = 8, tail_bound: float = 4.0, identity_init: bool = False,
+                   **kw) -> list:
     from nflows.nn.nets import ResidualNet
     from nflows.transforms import CompositeTransform, PiecewiseRationalQuadraticCouplingTransform
 
@@ -51,15 +67,16 @@ def _nflows_spline(layers: int, hidden: int = 64, bins: int = 8, tail_bound: flo
     parts = []
     for i in range(layers):
         mask = torch.tensor([1, 0] if i % 2 == 0 else [0, 1])
-        parts.append(
-            PiecewiseRationalQuadraticCouplingTransform(
-                mask,
-                lambda cin, cout: ResidualNet(cin, cout, hidden_features=hidden, num_blocks=2),
-                num_bins=bins,
-                tails="linear",
-                tail_bound=tail_bound,
-            )
+        coupling = PiecewiseRationalQuadraticCouplingTransform(
+            mask,
+            lambda cin, cout: ResidualNet(cin, cout, hidden_features=hidden, num_blocks=2),
+            num_bins=bins,
+            tails="linear",
+            tail_bound=tail_bound,
         )
+        if identity_init:
+            _identity_spline(coupling)
+        parts.append(coupling)
     return [to_normflows(CompositeTransform(parts))]
 
 
@@ -81,7 +98,8 @@ def build_flow(kind: str = "planar", layers: int = 16, *, trainable_base: bool =
         layers: number of layers (coupling kinds: coupling layers).
         trainable_base: whether the Gaussian base has a learned mean and scale (the seed's).
         **kwargs: ``hidden`` (coupling/spline nets), ``bins`` and ``tail_bound`` (splines),
-            ``act`` (planar: ``"tanh"`` or ``"leaky_relu"``).
+            ``identity_init`` (``nflows-spline``: start as the identity), ``act`` (planar:
+            ``"tanh"`` or ``"leaky_relu"``).
 
     Returns:
         the model (its target ``p`` is unset: pass the target to :func:`flowkit.toy2d.fit`).
@@ -92,6 +110,36 @@ def build_flow(kind: str = "planar", layers: int = 16, *, trainable_base: bool =
         raise ValueError(f"layers: expected a positive int, got {layers!r}")
     flows = FLOW_KINDS[kind](layers, **kwargs)
     return nf.NormalizingFlow(q0=nf.distributions.DiagGaussian(2, trainable=trainable_base), flows=flows)
+
+
+IDENTITY_KINDS = ("nflows-spline",)  # kinds that can start as the identity
+
+
+def extend_flow(model: nf.NormalizingFlow, kind: str = "nflows-spline", layers: int = 2, **kwargs) -> nf.NormalizingFlow:
+    """``model`` followed by ``layers`` new layers of ``kind`` that start as the identity.
+
+    The new model shares ``model``'s base and layers (training it trains them), so it starts at
+    exactly ``model``'s density: a fitted Planar stack keeps the modes it found while the new
+    layers reshape each one (the ``refine`` stage of :func:`flowkit.toy2d.fit`).
+
+    Args:
+        model: a normflows ``NormalizingFlow``.
+        kind: one of :data:`IDENTITY_KINDS`: ``"nflows-spline"`` (rational-quadratic couplings,
+            identity-initialised).
+        layers: number of new coupling layers.
+        **kwargs: as for :func:`build_flow` (``hidden``, ``bins``, ``tail_bound``).
+    """
+    if kind not in IDENTITY_KINDS:
+        raise ValueError(f"kind: expected one of {', '.join(IDENTITY_KINDS)} (layers that can start as the identity), got {kind!r}")
+    if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
+        raise ValueError(f"layers: expected a positive int, got {layers!r}")
+    if not (isinstance(model, torch.nn.Module) and hasattr(model, "q0") and hasattr(model, "flows")):
+        raise TypeError(f"model: expected a normflows NormalizingFlow (q0, flows), got {type(model).__name__}")
+    new = torch.nn.ModuleList(FLOW_KINDS[kind](layers, identity_init=True, **kwargs))
+    ref = next(model.parameters(), None)
+    if ref is not None:
+        new.to(device=ref.device, dtype=ref.dtype)
+    return nf.NormalizingFlow(q0=model.q0, flows=list(model.flows) + list(new))
 
 
 def is_invertible(model: nf.NormalizingFlow) -> bool:

@@ -89,9 +89,10 @@ def plot_model(model, target: Target2D | str, path: str | os.PathLike, box=None,
     return atomic_savefig(fig, path, dpi=100)
 
 
-def plot_loss(loss: Sequence[float], path: str | os.PathLike, log_z: float | None = None) -> Path:
+def plot_loss(loss: Sequence[float], path: str | os.PathLike, log_z: float | None = None, refined_from: int | None = None) -> Path:
     """PNG of the loss per step and its moving average; with ``log_z``, as ``loss + log Z``
-    (at beta = 1 an estimate of KL(q||p) in nats)."""
+    (at beta = 1 an estimate of KL(q||p) in nats); with ``refined_from``, a line where the
+    refine stage starts."""
     from flowkit.viz import atomic_savefig
 
     y = np.asarray(loss, dtype=float) + (log_z or 0.0)
@@ -105,6 +106,8 @@ def plot_loss(loss: Sequence[float], path: str | os.PathLike, log_z: float | Non
     ax.plot(xs[k - 1 :], smooth, lw=1.5, label=f"mean of {k}")
     lo, hi = np.percentile(y, [1, 99])
     ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
+    if refined_from is not None:
+        ax.axvline(refined_from + 0.5, color="k", ls="--", lw=0.8, label="refine starts")
     ax.set_xlabel("step")
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)
@@ -142,7 +145,7 @@ def save_fit_pictures(result, target: Target2D | str, out_dir: str | os.PathLike
     paths = [
         plot_target(target, out_dir / "target.png"),
         plot_model(result.model, target, out_dir / "model.png"),
-        plot_loss(result.loss, out_dir / "loss.png", log_z=target.log_z),
+        plot_loss(result.loss, out_dir / "loss.png", log_z=target.log_z, refined_from=getattr(result, "refined_from", None)),
     ]
     if result.snapshots:
         paths.append(plot_snapshots(result.snapshots, target, out_dir / "snapshots.png"))
