@@ -25,7 +25,7 @@ import normflows as nf
 import numpy as np
 import torch
 
-from flowkit.toy2d import PRESETS, REFINE, build_flow, evaluate, fit, get_target
+from flowkit.toy2d import PRESETS, build_flow, evaluate, fit, get_target, refine_spec
 
 
 def seed_loop(iters: int, every: int, eval_samples: int, target):
@@ -56,8 +56,8 @@ def seed_loop(iters: int, every: int, eval_samples: int, target):
 
 def total_iters(cfg: dict) -> int:
     """Steps of a preset, its refine stage included."""
-    refine = cfg.get("refine")
-    return cfg["iters"] + (({**REFINE, **refine} if isinstance(refine, dict) else REFINE)["iters"] if refine else 0)
+    spec = refine_spec(cfg.get("refine"))
+    return cfg["iters"] + (spec["iters"] if spec else 0)
 
 
 def flowkit_run(name: str, preset: dict, every: int, eval_samples: int, target):

@@ -290,9 +290,10 @@ def test_fit_refine_extends_the_fitted_model_and_improves():
 
 
 def test_fit_refine_args():
-    from flowkit.toy2d.fit import _check_refine
+    from flowkit.toy2d import refine_spec
 
-    assert _check_refine(True) == REFINE and _check_refine({"layers": 3}) == {**REFINE, "layers": 3}
+    assert refine_spec(True) == REFINE and refine_spec({"layers": 3}) == {**REFINE, "layers": 3}
+    assert refine_spec(None) is None and refine_spec(False) is None
     assert REFINE["flow"] == "nflows-spline" and REFINE["chi2_from"] < REFINE["iters"]
     with pytest.raises(ValueError, match=r"refine: unknown keys \['itres'\]"):
         fit(None, "two-modes", iters=5, refine=dict(itres=3))

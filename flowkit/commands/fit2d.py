@@ -26,7 +26,7 @@ def _write_json(path: Path, obj) -> None:
 def _run(args) -> int:
     import torch
 
-    from flowkit.toy2d import PRESETS, REFINE, build_flow, evaluate, fit, format_metrics, get_target
+    from flowkit.toy2d import PRESETS, build_flow, evaluate, fit, format_metrics, get_target, refine_spec
     from flowkit.toy2d.plots import save_fit_pictures
 
     if args.threads:  # 2D flows are tiny: extra intra-op threads cost more in synchronisation than they give
@@ -46,10 +46,8 @@ def _run(args) -> int:
     metrics = evaluate(result.model, target, args.eval_samples)
     restarts = cfg.get("restarts", 1)
     chosen = f", best of {restarts} restarts (#{result.restart})" if restarts > 1 else ""
-    refined = ""
-    if result.refined_from is not None:
-        spec = {**REFINE, **(cfg["refine"] if isinstance(cfg["refine"], dict) else {})}
-        refined = f", then {spec['flow']} x{spec['layers']} refined for {spec['iters']} steps"
+    spec = refine_spec(cfg.get("refine"))
+    refined = f", then {spec['flow']} x{spec['layers']} refined for {spec['iters']} steps" if spec else ""
     print(f"fit2d: {args.target}, {flow} x{layers}{chosen}, "
           f"{cfg['iters']} steps of {cfg['batch_size']} samples{refined} in {result.seconds:.1f}s on {device}")
     print(format_metrics({args.target: metrics}))

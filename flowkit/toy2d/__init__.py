@@ -6,7 +6,7 @@ sample size and the ``log Z`` estimate. Pictures live in :mod:`flowkit.toy2d.plo
 (matplotlib is imported there, on use).
 """
 
-from flowkit.toy2d.fit import PRESETS, REFINE, FitResult, fit
+from flowkit.toy2d.fit import PRESETS, REFINE, FitResult, fit, refine_spec
 from flowkit.toy2d.flows import FLOW_KINDS, build_flow, extend_flow, is_invertible
 from flowkit.toy2d.metrics import Metrics, evaluate, format_metrics
 from flowkit.toy2d.targets import Target2D, get_target, grid_log_z, list_targets, register_target
@@ -27,5 +27,6 @@ __all__ = [
     "grid_log_z",
     "is_invertible",
     "list_targets",
+    "refine_spec",
     "register_target",
 ]

@@ -28,7 +28,7 @@ import torch
 from flowkit.toy2d.flows import IDENTITY_KINDS, build_flow, extend_flow
 from flowkit.toy2d.targets import Target2D, get_target
 
-__all__ = ["FitResult", "PRESETS", "REFINE", "fit"]
+__all__ = ["FitResult", "PRESETS", "REFINE", "fit", "refine_spec"]
 
 # Chosen by measurement: TwoModes, exact KL / ESS from 100k samples after fit(seed=s), 1 thread per
 # run, 2 runs at a time on 2 CPU cores (scripts in the closing note of issue 5).
@@ -366,10 +366,7 @@ def fit(
         raise ValueError(f"select_at: expected an int in [0, iters={iters}], got {select_at!r}")
     if chi2_from is not None and (not isinstance(chi2_from, int) or not 0 <= chi2_from <= iters):
         raise ValueError(f"chi2_from: expected None or an int in [0, iters={iters}], got {chi2_from!r}")
-    if refine is not None and refine is not False:
-        refine = _check_refine(refine)
-    else:
-        refine = None
+    refine = refine_spec(refine)
     if seed is not None:
         torch.manual_seed(seed)
     if model is None:
@@ -486,8 +483,12 @@ _REFINE_OPTS = ("iters", "batch_size", "lr", "anneal_iters", "weight_decay", "sc
                 "late_batch_size", "late_from", "keep_best", "chi2_from")
 
 
-def _check_refine(refine: dict | bool) -> dict:
-    """``refine`` merged into :data:`REFINE`; fails before the first fit, not after it."""
+def refine_spec(refine: dict | bool | None) -> dict | None:
+    """The refine stage's settings: ``refine`` (``None``/``False``: none, ``True``: :data:`REFINE`,
+    a dict: overrides) merged into :data:`REFINE` and checked, so :func:`fit` fails before its
+    first stage, not after it."""
+    if refine is None or refine is False:
+        return None
     if refine is True:
         return dict(REFINE)
     if not isinstance(refine, dict):
@@ -495,12 +496,12 @@ def _check_refine(refine: dict | bool) -> dict:
     unknown = sorted(set(refine) - {"flow", "layers", "flow_kwargs", *_REFINE_OPTS})
     if unknown:
         raise ValueError(f"refine: unknown keys {unknown}; expected flow, layers, flow_kwargs or one of {', '.join(_REFINE_OPTS)}")
-    if refine.get("flow", "nflows-spline") not in IDENTITY_KINDS:
-        raise ValueError(f"refine['flow']: expected one of {', '.join(IDENTITY_KINDS)} (layers that can start as the identity), "
-                         f"got {refine['flow']!r}")
     spec = {**REFINE, **refine}
+    if spec["flow"] not in IDENTITY_KINDS:
+        raise ValueError(f"refine['flow']: expected one of {', '.join(IDENTITY_KINDS)} (layers that can start as the identity), "
+                         f"got {spec['flow']!r}")
     for key in ("iters", "layers", "batch_size", "late_batch_size"):
-        v = spec[key] if key in ("iters", "layers") else spec.get(key)
+        v = spec.get(key)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
             raise ValueError(f"refine['{key}']: expected an int >= 1, got {v!r}")
     for key in ("chi2_from", "late_from", "path_from"):

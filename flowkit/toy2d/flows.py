@@ -106,7 +106,7 @@ def build_flow(kind: str = "planar", layers: int = 16, *, trainable_base: bool =
     """
     if kind not in FLOW_KINDS:
         raise ValueError(f"kind: unknown flow {kind!r}; expected one of {', '.join(FLOW_KINDS)}")
-    if not isinstance(layers, int) or layers < 1:
+    if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
         raise ValueError(f"layers: expected a positive int, got {layers!r}")
     flows = FLOW_KINDS[kind](layers, **kwargs)
     return nf.NormalizingFlow(q0=nf.distributions.DiagGaussian(2, trainable=trainable_base), flows=flows)
@@ -131,11 +131,9 @@ def extend_flow(model: nf.NormalizingFlow, kind: str = "nflows-spline", layers: 
     """
     if kind not in IDENTITY_KINDS:
         raise ValueError(f"kind: expected one of {', '.join(IDENTITY_KINDS)} (layers that can start as the identity), got {kind!r}")
-    if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
-        raise ValueError(f"layers: expected a positive int, got {layers!r}")
     if not (isinstance(model, torch.nn.Module) and hasattr(model, "q0") and hasattr(model, "flows")):
         raise TypeError(f"model: expected a normflows NormalizingFlow (q0, flows), got {type(model).__name__}")
-    new = torch.nn.ModuleList(FLOW_KINDS[kind](layers, identity_init=True, **kwargs))
+    new = build_flow(kind, layers, identity_init=True, **kwargs).flows  # checks layers; its fresh base is dropped
     ref = next(model.parameters(), None)
     if ref is not None:
         new.to(device=ref.device, dtype=ref.dtype)
