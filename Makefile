@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test check clean
+.PHONY: demo test lint format check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,8 +16,18 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/flowkit demo
 
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest -q
+
+# what `make test` checks before the tests: lint (ruff) and formatting (ruff format)
+lint: $(STAMP)
+	$(BIN)/ruff check flowkit tests examples benchmarks
+	$(BIN)/ruff format --check flowkit tests examples benchmarks
+
+# rewrite the sources the way `make lint` wants them
+format: $(STAMP)
+	$(BIN)/ruff check --fix flowkit tests examples benchmarks
+	$(BIN)/ruff format flowkit tests examples benchmarks
 
 check: $(STAMP)
 	$(BIN)/flowkit check

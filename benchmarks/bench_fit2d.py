@@ -32,7 +32,9 @@ def seed_loop(iters: int, every: int, eval_samples: int, target):
     """The seed's loop (its own code style re-written), with timed-out checkpoint evaluations."""
     torch.manual_seed(0)
     nfm = nf.NormalizingFlow(
-        q0=nf.distributions.DiagGaussian(2), flows=[nf.flows.Planar((2,)) for _ in range(16)], p=nf.distributions.TwoModes(2, 0.1)
+        q0=nf.distributions.DiagGaussian(2),
+        flows=[nf.flows.Planar((2,)) for _ in range(16)],
+        p=nf.distributions.TwoModes(2, 0.1),
     )
     opt = torch.optim.Adam(nfm.parameters(), lr=1e-3, weight_decay=1e-4)
     hist = np.array([])
@@ -76,7 +78,15 @@ def flowkit_run(name: str, preset: dict, every: int, eval_samples: int, target):
             curve.append((step, train, m.reverse_kl, m.ess))
             print(f"  {name:<5} step {step:>6} {train:7.1f}s KL={m.reverse_kl:.4f} ESS={m.ess:.3f}", flush=True)
 
-    r = fit(lambda: build_flow(flow, layers, **flow_kwargs), target, progress=False, seed=0, sync_every=every // 2 if every >= 100 else every, callback=cb, **cfg)
+    r = fit(
+        lambda: build_flow(flow, layers, **flow_kwargs),
+        target,
+        progress=False,
+        seed=0,
+        sync_every=every // 2 if every >= 100 else every,
+        callback=cb,
+        **cfg,
+    )
     return r.model, r.seconds - t_eval[0], curve
 
 
@@ -120,13 +130,15 @@ def main() -> None:
     head = f"{'run':<8} {'steps x batch':>14} {'train s':>8} {'KL(q||p)':>16} {'ESS':>7} {'t to seed KL':>13} {'speed-up':>9}"
     print(head)
     print("-" * len(head))
-    for k, (m, train, curve) in runs.items():
+    for k, (_m, train, curve) in runs.items():
         cfg = {"seed": dict(iters=args.seed_iters, batch_size=40)}.get(k, PRESETS.get(k, {}))
         t_hit, step = (seed_time, args.seed_iters) if k == "seed" else time_to(curve, seed_kl)
         hit = f"{t_hit:.1f}s@{step}" if t_hit is not None else "never"
         ratio = f"{seed_time / t_hit:.1f}x" if t_hit else "-"
         f = final[k]
-        print(f"{k:<8} {total_iters(cfg):>7} x {cfg['batch_size']:<4} {train:>8.1f} {f.reverse_kl:>9.4f}±{f.reverse_kl_se:.4f} {f.ess:>7.4f} {hit:>13} {ratio:>9}")
+        print(
+            f"{k:<8} {total_iters(cfg):>7} x {cfg['batch_size']:<4} {train:>8.1f} {f.reverse_kl:>9.4f}±{f.reverse_kl_se:.4f} {f.ess:>7.4f} {hit:>13} {ratio:>9}"
+        )
     best = min(final, key=lambda k: final[k].reverse_kl)
     print(
         f"\nratios vs seed: fast time {runs['fast'][1] / seed_time:.3f}x of seed, "

@@ -45,8 +45,13 @@ class NormflowsGlow(torch.nn.Module):
         c, h, w = image_shape
         q0, merges, flows = [], [], []
         for i in range(levels):
-            flows.append([nf.flows.GlowBlock(c * 2 ** (levels + 1 - i), hidden, split_mode="channel", scale=True)
-                          for _ in range(steps)] + [nf.flows.Squeeze()])
+            flows.append(
+                [
+                    nf.flows.GlowBlock(c * 2 ** (levels + 1 - i), hidden, split_mode="channel", scale=True)
+                    for _ in range(steps)
+                ]
+                + [nf.flows.Squeeze()]
+            )
             if i > 0:
                 merges.append(nf.flows.Merge())
                 shape = (c * 2 ** (levels - i), h // 2 ** (levels - i), w // 2 ** (levels - i))
@@ -103,7 +108,7 @@ def interleaved_times(fns, rounds):
 
 def ratio(slow, fast):
     """Median of per-round ratios ``slow / fast`` (> 1: ``fast`` is faster)."""
-    return statistics.median(a / b for a, b in zip(slow, fast))
+    return statistics.median(a / b for a, b in zip(slow, fast, strict=False))
 
 
 def bpd_in_budget(model, loss_fn, train_images, val_images, budget, batch_size, lr, seed):
@@ -146,8 +151,14 @@ def main(argv=None):
     models = []  # (name, params, train step fn, sample fn)
     ms = tutorial_flow("multiscale").to(device)
     ms.initialize(x)
-    models.append(("flowkit tutorial_flow('multiscale')", n_params(ms),
-                   train_step_fn(lambda b: ms.bpd(b).mean(), ms.parameters(), x), lambda: ms.sample(args.samples)))
+    models.append(
+        (
+            "flowkit tutorial_flow('multiscale')",
+            n_params(ms),
+            train_step_fn(lambda b: ms.bpd(b).mean(), ms.parameters(), x),
+            lambda: ms.sample(args.samples),
+        )
+    )
     if args.tutorial_ref:
         try:
             ref = load_tutorial_ref(args.tutorial_ref)
@@ -155,33 +166,64 @@ def main(argv=None):
             print(f"(no tutorial reference at {args.tutorial_ref}; row skipped)")
         else:
             tm = ref.create_multiscale_flow().to(device)
-            models.append(("tutorial's own layers (multiscale)", n_params(tm), train_step_fn(tm, tm.parameters(), x),
-                           lambda: tm.sample(args.samples, tm.latent_shape)))
+            models.append(
+                (
+                    "tutorial's own layers (multiscale)",
+                    n_params(tm),
+                    train_step_fn(tm, tm.parameters(), x),
+                    lambda: tm.sample(args.samples, tm.latent_shape),
+                )
+            )
 
     # -- 2. Glow: flowkit (nflows parts) vs normflows' GlowBlock, 2 levels x 4 steps ------------
-    fk = glow((1, 28, 28), levels=2, steps_per_level=4, hidden_channels=64, num_layers=1,
-              dequantization="uniform").to(device)
+    fk = glow((1, 28, 28), levels=2, steps_per_level=4, hidden_channels=64, num_layers=1, dequantization="uniform").to(
+        device
+    )
     fk.initialize(x)
     nfg = NormflowsGlow((1, 28, 28), 256, levels=2, steps=4, hidden=200).to(device)
     with torch.no_grad():
         nfg.bpd(x)  # normflows' ActNorm initialises on its first batch
-    models.append(("flowkit glow(L=2, K=4, 64 hidden)", n_params(fk),
-                   train_step_fn(lambda b: fk.bpd(b).mean(), fk.parameters(), x), lambda: fk.sample(args.samples)))
-    models.append(("normflows Glow (L=2, K=4, 200 hidden)", n_params(nfg),
-                   train_step_fn(lambda b: nfg.bpd(b).mean(), nfg.parameters(), x), lambda: nfg.sample(args.samples)))
+    models.append(
+        (
+            "flowkit glow(L=2, K=4, 64 hidden)",
+            n_params(fk),
+            train_step_fn(lambda b: fk.bpd(b).mean(), fk.parameters(), x),
+            lambda: fk.sample(args.samples),
+        )
+    )
+    models.append(
+        (
+            "normflows Glow (L=2, K=4, 200 hidden)",
+            n_params(nfg),
+            train_step_fn(lambda b: nfg.bpd(b).mean(), nfg.parameters(), x),
+            lambda: nfg.sample(args.samples),
+        )
+    )
 
-    train_t = dict(zip((m[0] for m in models), interleaved_times([m[2] for m in models], args.rounds)))
-    sample_t = dict(zip((m[0] for m in models), interleaved_times([m[3] for m in models], args.rounds)))
-    print(f"{'model (1x28x28)':<40} {'params':>10} {'train step':>11} {'sample ' + str(args.samples):>11}  (medians of {args.rounds} interleaved rounds)")
+    train_t = dict(zip((m[0] for m in models), interleaved_times([m[2] for m in models], args.rounds), strict=False))
+    sample_t = dict(zip((m[0] for m in models), interleaved_times([m[3] for m in models], args.rounds), strict=False))
+    print(
+        f"{'model (1x28x28)':<40} {'params':>10} {'train step':>11} {'sample ' + str(args.samples):>11}  (medians of {args.rounds} interleaved rounds)"
+    )
     for name, n, _, _ in models:
-        print(f"{name:<40} {n:>10,} {statistics.median(train_t[name]) * 1e3:>9.0f}ms {statistics.median(sample_t[name]) * 1e3:>9.0f}ms")
-    pairs = [("tutorial's own layers (multiscale)", "flowkit tutorial_flow('multiscale')", "tutorial layers / flowkit multiscale"),
-             ("normflows Glow (L=2, K=4, 200 hidden)", "flowkit glow(L=2, K=4, 64 hidden)", "normflows Glow / flowkit glow")]
+        print(
+            f"{name:<40} {n:>10,} {statistics.median(train_t[name]) * 1e3:>9.0f}ms {statistics.median(sample_t[name]) * 1e3:>9.0f}ms"
+        )
+    pairs = [
+        (
+            "tutorial's own layers (multiscale)",
+            "flowkit tutorial_flow('multiscale')",
+            "tutorial layers / flowkit multiscale",
+        ),
+        ("normflows Glow (L=2, K=4, 200 hidden)", "flowkit glow(L=2, K=4, 64 hidden)", "normflows Glow / flowkit glow"),
+    ]
     print()
     for peer, ours, label in pairs:
         if peer in train_t:
-            print(f"{label:<38} train step x{ratio(train_t[peer], train_t[ours]):.2f}, "
-                  f"sampling x{ratio(sample_t[peer], sample_t[ours]):.2f}  (>1: flowkit faster)")
+            print(
+                f"{label:<38} train step x{ratio(train_t[peer], train_t[ours]):.2f}, "
+                f"sampling x{ratio(sample_t[peer], sample_t[ours]):.2f}  (>1: flowkit faster)"
+            )
 
     # -- 3. bits/dim on digits after a fixed time budget --------------------------------------
     from flowkit.commands.demo import DEMO_LR, DEMO_MODEL_KWARGS
@@ -202,8 +244,9 @@ def main(argv=None):
         with torch.no_grad():
             (model.initialize(train_images[:256]) if hasattr(model, "initialize") else model.bpd(train_images[:256]))
         model.train()
-        val, steps = bpd_in_budget(model, lambda b, m=model: m.bpd(b).mean(), train_images, val_images,
-                                   args.budget, 64, DEMO_LR, 0)
+        val, steps = bpd_in_budget(
+            model, lambda b, m=model: m.bpd(b).mean(), train_images, val_images, args.budget, 64, DEMO_LR, 0
+        )
         print(f"  {name:<40} {n_params(model):>9,} params  {steps:>5} steps  val bpd {val:.3f}")
 
 

@@ -148,7 +148,11 @@ def _glow_steps(num_steps: int, channels: int, hidden: int) -> list:
         mask = [1 if j >= channels // 2 else -1 for j in range(channels)]
         if i % 2:
             mask = [-m for m in mask]
-        steps += [ActNorm(channels), OneByOneConvolution(channels), AffineCouplingTransform(mask, gated_conv_net(hidden, 1))]
+        steps += [
+            ActNorm(channels),
+            OneByOneConvolution(channels),
+            AffineCouplingTransform(mask, gated_conv_net(hidden, 1)),
+        ]
     return steps
 
 
@@ -166,7 +170,7 @@ def _max_rel(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     top = max(v.abs().max().item() for v in b)
     return max(
         ((u.double() - v.double()).abs().max() / v.double().abs().max()).item()
-        for u, v in zip(a, b)
+        for u, v in zip(a, b, strict=False)
         if v.abs().max().item() > 1e-6 * top
     )
 
@@ -239,7 +243,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--drift", action="store_true", help="measure float32/float64 gradient drift instead")
     parser.add_argument("--drift-depths", type=int, nargs="+", default=[8, 32, 64])
-    parser.add_argument("--drift-scales", type=float, nargs="+", default=[0.0, 0.01, 0.03, 0.1], help="parameter perturbations")
+    parser.add_argument(
+        "--drift-scales", type=float, nargs="+", default=[0.0, 0.01, 0.03, 0.1], help="parameter perturbations"
+    )
     args = parser.parse_args(argv)
     if args.drift:
         run_drift(args)

@@ -32,7 +32,7 @@ def parse_seeds(text: str) -> list[int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="fast", choices=sorted(PRESETS))
-    ap.add_argument("--override", default="{}", help='JSON merged into the preset, e.g. \'{"restarts": 1}\'')
+    ap.add_argument("--override", default="{}", help="JSON merged into the preset, e.g. '{\"restarts\": 1}'")
     ap.add_argument("--seeds", default="0-3", help="e.g. 0-7 or 0,2,5")
     ap.add_argument("--target", default="two-modes")
     ap.add_argument("--eval-samples", type=int, default=100_000)
@@ -45,15 +45,20 @@ def main() -> None:
     for seed in parse_seeds(args.seeds):
         cfg = dict(cfg0)
         flow, layers, flow_kwargs = cfg.pop("flow"), cfg.pop("layers"), cfg.pop("flow_kwargs", {})
-        r = fit(lambda: build_flow(flow, layers, **flow_kwargs), args.target, seed=seed, progress=False, **cfg)
+        r = fit(lambda: build_flow(flow, layers, **flow_kwargs), args.target, seed=seed, progress=False, **cfg)  # noqa: B023 (called at once)
         m = evaluate(r.model, args.target, args.eval_samples, forward=False)
         kls.append(m.reverse_kl)
         esss.append(m.ess)
         scores = "" if r.restart_scores is None else "  scores " + " ".join(f"{v:.2f}" for v in r.restart_scores)
-        print(f"seed {seed}: KL {m.reverse_kl:.4f} ± {m.reverse_kl_se:.4f}  ESS {m.ess:.4f}  {r.seconds:.1f}s"
-              f"  restart {r.restart}  best step {r.best_step}{scores}", flush=True)
-    print(f"KL worst {max(kls):.4f} median {np.median(kls):.4f}; ESS worst {min(esss):.4f} median {np.median(esss):.4f} "
-          f"over {len(kls)} seeds")
+        print(
+            f"seed {seed}: KL {m.reverse_kl:.4f} ± {m.reverse_kl_se:.4f}  ESS {m.ess:.4f}  {r.seconds:.1f}s"
+            f"  restart {r.restart}  best step {r.best_step}{scores}",
+            flush=True,
+        )
+    print(
+        f"KL worst {max(kls):.4f} median {np.median(kls):.4f}; ESS worst {min(esss):.4f} median {np.median(esss):.4f} "
+        f"over {len(kls)} seeds"
+    )
 
 
 if __name__ == "__main__":

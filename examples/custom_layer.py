@@ -27,10 +27,10 @@ from nflows.transforms import CompositeTransform, Transform
 from torch import nn
 from tqdm.auto import tqdm
 
-from flowkit.io import write_json
 import flowkit
 from flowkit.check import format_reports, perturb_parameters
 from flowkit.data import load_splits
+from flowkit.io import write_json
 from flowkit.layers import Dequantization, GatedConvNet, MaskedAffineCoupling, checkerboard_mask
 from flowkit.layers.base import sum_except_batch
 from flowkit.viz import save_image_grid
@@ -108,7 +108,10 @@ def build_model(hidden: int, couplings: int) -> flowkit.ImageFlow:
     layers = []
     for i in range(couplings):
         net = GatedConvNet(c, 2 * c, hidden_channels=hidden, num_layers=1)
-        layers += [MaskedAffineCoupling(checkerboard_mask(h, w, invert=(i % 2 == 1)), net, num_channels=c), LeakyReLUFlow(c)]
+        layers += [
+            MaskedAffineCoupling(checkerboard_mask(h, w, invert=(i % 2 == 1)), net, num_channels=c),
+            LeakyReLUFlow(c),
+        ]
     return flowkit.ImageFlow(Dequantization(num_levels=17), CompositeTransform(layers), (c, h, w))
 
 
@@ -130,8 +133,10 @@ def main(argv=None) -> dict:
     assert good.ok, "LeakyReLUFlow should pass the checks"
     assert not wrong_sign.ok and wrong_sign.ladj_sum_error > 1e-3, "the sign bug should be caught"
     assert not wrong_half.ok and wrong_half.jacobian_error > 1e-3, "the miscounted log-det should be caught"
-    print("verifier: LeakyReLUFlow passes; WrongSignInverse caught by forward+inverse log-dets, "
-          "CountsTheWrongHalf caught by the Jacobian check")
+    print(
+        "verifier: LeakyReLUFlow passes; WrongSignInverse caught by forward+inverse log-dets, "
+        "CountsTheWrongHalf caught by the Jacobian check"
+    )
     # (To have `flowkit check` and the shared test run it too, add it to the registry with
     #  flowkit.check.register_case("LeakyReLUFlow")(lambda: LayerCase(LeakyReLUFlow(2), x)).)
 
@@ -155,19 +160,30 @@ def main(argv=None) -> dict:
     with torch.no_grad():
         after = model.bpd(test_images).mean().item()
     slopes = [math.exp(m.log_slope.item()) for m in model.modules() if isinstance(m, LeakyReLUFlow)]
-    save_image_grid(model.sample(64, temperature=0.7).cpu(), out / "samples.png", 17, title="couplings + LeakyReLUFlow, T=0.7")
+    save_image_grid(
+        model.sample(64, temperature=0.7).cpu(), out / "samples.png", 17, title="couplings + LeakyReLUFlow, T=0.7"
+    )
 
     metrics = {
-        "checks": {r.name: {"ok": r.ok, "roundtrip_error": r.roundtrip_error, "jacobian_error": r.jacobian_error,
-                            "ladj_sum_error": r.ladj_sum_error} for r in reports},
+        "checks": {
+            r.name: {
+                "ok": r.ok,
+                "roundtrip_error": r.roundtrip_error,
+                "jacobian_error": r.jacobian_error,
+                "ladj_sum_error": r.ladj_sum_error,
+            }
+            for r in reports
+        },
         "learned_slopes": slopes,
         "test_bpd_before": before,
         "test_bpd_after": after,
         "train_steps": cfg["train_steps"],
         "train_time_s": train_time,
     }
-    print(f"test bpd {before:.3f} -> {after:.3f} after {cfg['train_steps']} steps ({train_time:.1f}s); "
-          f"learned slopes {', '.join(f'{s:.3f}' for s in slopes)}")
+    print(
+        f"test bpd {before:.3f} -> {after:.3f} after {cfg['train_steps']} steps ({train_time:.1f}s); "
+        f"learned slopes {', '.join(f'{s:.3f}' for s in slopes)}"
+    )
     write_json(out / "metrics.json", metrics)
     print(f"wrote {out / 'samples.png'} and {out / 'metrics.json'}")
     return metrics

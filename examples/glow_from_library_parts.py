@@ -35,16 +35,26 @@ from nflows.transforms import (
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from flowkit.io import write_json
 import flowkit
 from flowkit.data import dataset_info, load_splits
-from flowkit.layers import GatedConvNet, MaskedAffineCoupling, VariationalDequantization, checkerboard_mask, gated_conv_net
+from flowkit.io import write_json
+from flowkit.layers import (
+    GatedConvNet,
+    MaskedAffineCoupling,
+    VariationalDequantization,
+    checkerboard_mask,
+    gated_conv_net,
+)
 from flowkit.training import evaluate
 from flowkit.viz import save_image_grid
 
 SETTINGS = {  # --quick: seconds on a CPU; full: a few minutes
-    "quick": dict(levels=2, steps_per_level=1, hidden=16, train_steps=25, batch_size=32, eval_batches=1, importance_samples=2),
-    "full": dict(levels=2, steps_per_level=4, hidden=64, train_steps=1500, batch_size=64, eval_batches=None, importance_samples=8),
+    "quick": dict(
+        levels=2, steps_per_level=1, hidden=16, train_steps=25, batch_size=32, eval_batches=1, importance_samples=2
+    ),
+    "full": dict(
+        levels=2, steps_per_level=4, hidden=64, train_steps=1500, batch_size=64, eval_batches=None, importance_samples=8
+    ),
 }
 
 
@@ -107,7 +117,9 @@ def main(argv=None) -> dict:
 
     info = dataset_info(args.data)
     splits = load_splits(args.data, root=args.data_root, download=False)
-    model = build_glow(info.image_shape, info.num_levels, cfg["levels"], cfg["steps_per_level"], cfg["hidden"]).to(device)
+    model = build_glow(info.image_shape, info.num_levels, cfg["levels"], cfg["steps_per_level"], cfg["hidden"]).to(
+        device
+    )
     train_images = splits["train"].images  # uint8 [N, C, H, W]
     print(f"Glow from nflows parts: {model.num_parameters():,} parameters, latent levels {model.level_shapes}")
 
@@ -130,7 +142,9 @@ def main(argv=None) -> dict:
 
     # Evaluate: the tutorial's importance-sampled bound on the test split.
     test_loader = DataLoader(splits["test"], batch_size=128)
-    test_bpd = evaluate(model, test_loader, importance_samples=cfg["importance_samples"], max_batches=cfg["eval_batches"])
+    test_bpd = evaluate(
+        model, test_loader, importance_samples=cfg["importance_samples"], max_batches=cfg["eval_batches"]
+    )
     samples = model.sample(64, temperature=0.7)
     save_image_grid(samples.cpu(), out / "samples.png", model.num_levels, title="Glow from nflows parts, T=0.7")
 
@@ -143,8 +157,10 @@ def main(argv=None) -> dict:
         "importance_samples": cfg["importance_samples"],
         "train_time_s": train_time,
     }
-    print(f"train bpd {metrics['first_train_bpd']:.3f} -> {metrics['last_train_bpd']:.3f} in {train_time:.1f}s; "
-          f"test bpd ({cfg['importance_samples']} importance samples): {test_bpd:.3f}")
+    print(
+        f"train bpd {metrics['first_train_bpd']:.3f} -> {metrics['last_train_bpd']:.3f} in {train_time:.1f}s; "
+        f"test bpd ({cfg['importance_samples']} importance samples): {test_bpd:.3f}"
+    )
     write_json(out / "metrics.json", metrics)
     print(f"wrote {out / 'samples.png'} and {out / 'metrics.json'}")
     return metrics

@@ -44,12 +44,18 @@ from nflows.transforms import (
 )
 from tqdm.auto import tqdm
 
-from flowkit.io import write_json
 import flowkit
 from flowkit.bridge import NormflowsAsNflows, to_nflows
 from flowkit.check import format_reports, perturb_parameters
 from flowkit.data import load_splits
-from flowkit.layers import GatedConvNet, MaskedAffineCoupling, VariationalDequantization, checkerboard_mask, gated_conv_net
+from flowkit.io import write_json
+from flowkit.layers import (
+    GatedConvNet,
+    MaskedAffineCoupling,
+    VariationalDequantization,
+    checkerboard_mask,
+    gated_conv_net,
+)
 from flowkit.viz import save_image_grid
 
 SETTINGS = {
@@ -124,11 +130,16 @@ def verify(model: flowkit.ImageFlow) -> list:
     gen = torch.Generator().manual_seed(0)
     reports = [
         flowkit.check_transform(flow, torch.randn(2, C, H, W, generator=gen), name="mixed flow (64 dims)"),
-        flowkit.check_transform(deq, torch.randint(0, NUM_LEVELS, (2, C, H, W), generator=gen), name="variational dequantization"),
+        flowkit.check_transform(
+            deq, torch.randint(0, NUM_LEVELS, (2, C, H, W), generator=gen), name="variational dequantization"
+        ),
     ]
     # the flow in float64, where the tolerances are 1e-9 (float64 also catches dtype/device slips)
-    reports.append(flowkit.check_transform(flow.double(), torch.randn(2, C, H, W, generator=gen, dtype=torch.float64),
-                                           name="mixed flow, float64"))
+    reports.append(
+        flowkit.check_transform(
+            flow.double(), torch.randn(2, C, H, W, generator=gen, dtype=torch.float64), name="mixed flow, float64"
+        )
+    )
     print(format_reports(reports))
     bad = [r.name for r in reports if not r.ok]
     if bad:
@@ -178,15 +189,25 @@ def main(argv=None) -> dict:
 
     metrics = {
         "parameters": model.num_parameters(),
-        "checks": [{"name": r.name, "ok": r.ok, "roundtrip_error": r.roundtrip_error, "jacobian_error": r.jacobian_error,
-                    "ladj_sum_error": r.ladj_sum_error} for r in reports],
+        "checks": [
+            {
+                "name": r.name,
+                "ok": r.ok,
+                "roundtrip_error": r.roundtrip_error,
+                "jacobian_error": r.jacobian_error,
+                "ladj_sum_error": r.ladj_sum_error,
+            }
+            for r in reports
+        ],
         "test_bpd_before": before,
         "test_bpd_after": after,
         "train_steps": cfg["train_steps"],
         "train_time_s": train_time,
     }
-    print(f"{model.num_parameters():,} parameters; test bpd {before:.3f} -> {after:.3f} after "
-          f"{cfg['train_steps']} steps ({train_time:.1f}s)")
+    print(
+        f"{model.num_parameters():,} parameters; test bpd {before:.3f} -> {after:.3f} after "
+        f"{cfg['train_steps']} steps ({train_time:.1f}s)"
+    )
     write_json(out / "metrics.json", metrics)
     print(f"wrote {out / 'samples.png'} and {out / 'metrics.json'}")
     return metrics

@@ -32,15 +32,31 @@ from pathlib import Path
 
 import torch
 
-from flowkit.io import write_json
 from flowkit import toy2d
+from flowkit.io import write_json
 from flowkit.toy2d.plots import save_fit_pictures
 
 SETTINGS = {
-    "quick": dict(iters=150, batch_size=256, anneal_iters=75, eval_samples=20_000, planar_layers=8, spline_layers=2,
-                  snapshot_every=50, refine_iters=60),
-    "full": dict(iters=1500, batch_size=512, anneal_iters=500, eval_samples=200_000, planar_layers=16, spline_layers=4,
-                 snapshot_every=300, refine_iters=1500),
+    "quick": dict(
+        iters=150,
+        batch_size=256,
+        anneal_iters=75,
+        eval_samples=20_000,
+        planar_layers=8,
+        spline_layers=2,
+        snapshot_every=50,
+        refine_iters=60,
+    ),
+    "full": dict(
+        iters=1500,
+        batch_size=512,
+        anneal_iters=500,
+        eval_samples=200_000,
+        planar_layers=16,
+        spline_layers=4,
+        snapshot_every=300,
+        refine_iters=1500,
+    ),
 }
 
 
@@ -75,9 +91,19 @@ def main(argv=None) -> dict:
     for name, build in models.items():
         torch.manual_seed(args.seed)
         model = build()
-        fitted[name] = result = toy2d.fit(model, target, iters=cfg["iters"], batch_size=cfg["batch_size"], lr=1e-2,
-                                          anneal_iters=cfg["anneal_iters"], device=device, seed=args.seed,
-                                          progress=not args.quick, snapshot_every=cfg["snapshot_every"], snapshot_samples=5_000)
+        fitted[name] = result = toy2d.fit(
+            model,
+            target,
+            iters=cfg["iters"],
+            batch_size=cfg["batch_size"],
+            lr=1e-2,
+            anneal_iters=cfg["anneal_iters"],
+            device=device,
+            seed=args.seed,
+            progress=not args.quick,
+            snapshot_every=cfg["snapshot_every"],
+            snapshot_samples=5_000,
+        )
         report(name, result, cfg["iters"])
 
     # Planar, then splines: the new couplings start as the identity, so the refined model starts at
@@ -86,9 +112,20 @@ def main(argv=None) -> dict:
     # (toy2d.fit(..., refine=True) does the same in one call; the strong preset uses it.)
     refined = toy2d.extend_flow(fitted["planar"].model, "nflows-spline", 2, hidden=32)
     n = cfg["refine_iters"]
-    result = toy2d.fit(refined, target, iters=n, batch_size=cfg["batch_size"], lr=1e-3, anneal_iters=0, chi2_from=n // 2,
-                       late_from=n // 2, late_batch_size=4 * cfg["batch_size"], device=device, seed=args.seed,
-                       progress=not args.quick)
+    result = toy2d.fit(
+        refined,
+        target,
+        iters=n,
+        batch_size=cfg["batch_size"],
+        lr=1e-3,
+        anneal_iters=0,
+        chi2_from=n // 2,
+        late_from=n // 2,
+        late_batch_size=4 * cfg["batch_size"],
+        device=device,
+        seed=args.seed,
+        progress=not args.quick,
+    )
     report("planar+spline", result, n)
 
     # One table for both fits (nats; the ± are Monte-Carlo standard errors).

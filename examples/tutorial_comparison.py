@@ -34,15 +34,19 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from flowkit.io import atomic_write_text
 from flowkit import analysis
 from flowkit.data import load_splits
+from flowkit.io import atomic_write_text
 from flowkit.training import TrainConfig, evaluate, load_checkpoint, train
 
 KINDS = ("simple", "vardeq", "multiscale")
 SETTINGS = {  # the same budget for every model
-    "quick": dict(epochs=1, batch_size=32, max_train_batches=3, max_eval_batches=1, importance_samples=2, timing_repeats=1),
-    "full": dict(epochs=30, batch_size=64, max_train_batches=None, max_eval_batches=None, importance_samples=8, timing_repeats=5),
+    "quick": dict(
+        epochs=1, batch_size=32, max_train_batches=3, max_eval_batches=1, importance_samples=2, timing_repeats=1
+    ),
+    "full": dict(
+        epochs=30, batch_size=64, max_train_batches=None, max_eval_batches=None, importance_samples=8, timing_repeats=5
+    ),
 }
 
 
@@ -67,17 +71,23 @@ def markdown_table(rows: list[dict]) -> str:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['val_bpd']:.3f} | {r['test_bpd']:.3f} | {1000 * r['inference_s']:.0f} ms "
-                     f"| {1000 * r['sampling_s']:.0f} ms | {r['parameters']:,} |")
+        lines.append(
+            f"| {r['model']} | {r['val_bpd']:.3f} | {r['test_bpd']:.3f} | {1000 * r['inference_s']:.0f} ms "
+            f"| {1000 * r['sampling_s']:.0f} ms | {r['parameters']:,} |"
+        )
     return "\n".join(lines)
 
 
 def text_table(rows: list[dict]) -> str:
-    head = f"{'Model':<12} {'Val bpd':>8} {'Test bpd':>9} {'Inference (64)':>15} {'Sampling (64)':>14} {'Parameters':>11}"
+    head = (
+        f"{'Model':<12} {'Val bpd':>8} {'Test bpd':>9} {'Inference (64)':>15} {'Sampling (64)':>14} {'Parameters':>11}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['model']:<12} {r['val_bpd']:>8.3f} {r['test_bpd']:>9.3f} {1000 * r['inference_s']:>12.0f} ms "
-                     f"{1000 * r['sampling_s']:>11.0f} ms {r['parameters']:>11,}")
+        lines.append(
+            f"{r['model']:<12} {r['val_bpd']:>8.3f} {r['test_bpd']:>9.3f} {1000 * r['inference_s']:>12.0f} ms "
+            f"{1000 * r['sampling_s']:>11.0f} ms {r['parameters']:>11,}"
+        )
     return "\n".join(lines)
 
 
@@ -102,43 +112,89 @@ def main(argv=None) -> dict:
     rows, models = [], {}
     for kind in KINDS:
         print(f"\n== {kind} ==")
-        result = train(TrainConfig(
-            data=args.data, data_root=args.data_root, model=kind, epochs=cfg["epochs"], batch_size=cfg["batch_size"],
-            max_train_batches=cfg["max_train_batches"], max_eval_batches=cfg["max_eval_batches"],
-            importance_samples=0,  # evaluated below, on val and test alike
-            seed=args.seed, device=args.device, out=str(out / kind), progress=not args.quick, num_samples=16,
-        ))
-        model, _ = load_checkpoint(result["files"]["best"] if Path(result["files"]["best"]).is_file() else result["files"]["last"],
-                                   device=args.device)
+        result = train(
+            TrainConfig(
+                data=args.data,
+                data_root=args.data_root,
+                model=kind,
+                epochs=cfg["epochs"],
+                batch_size=cfg["batch_size"],
+                max_train_batches=cfg["max_train_batches"],
+                max_eval_batches=cfg["max_eval_batches"],
+                importance_samples=0,  # evaluated below, on val and test alike
+                seed=args.seed,
+                device=args.device,
+                out=str(out / kind),
+                progress=not args.quick,
+                num_samples=16,
+            )
+        )
+        model, _ = load_checkpoint(
+            result["files"]["best"] if Path(result["files"]["best"]).is_file() else result["files"]["last"],
+            device=args.device,
+        )
         device = model.device
         torch.manual_seed(args.seed)
-        bpd = {split: evaluate(model, loader, importance_samples=cfg["importance_samples"], max_batches=cfg["max_eval_batches"])
-               for split, loader in loaders.items()}
+        bpd = {
+            split: evaluate(
+                model, loader, importance_samples=cfg["importance_samples"], max_batches=cfg["max_eval_batches"]
+            )
+            for split, loader in loaders.items()
+        }
         batch = torch.stack([splits["test"][i][0] for i in range(64)]).to(device)
         with torch.no_grad():
-            inference = seconds(lambda: model.log_prob(batch), cfg["timing_repeats"], device)
-        sampling = seconds(lambda: model.sample(64), cfg["timing_repeats"], device)
-        rows.append({"model": kind, "val_bpd": bpd["val"], "test_bpd": bpd["test"], "inference_s": inference,
-                     "sampling_s": sampling, "parameters": model.num_parameters(), "train_time_s": result["train_time_s"],
-                     "epochs": result["epochs"]})
+            inference = seconds(lambda: model.log_prob(batch), cfg["timing_repeats"], device)  # noqa: B023 (called at once)
+        sampling = seconds(lambda: model.sample(64), cfg["timing_repeats"], device)  # noqa: B023 (called at once)
+        rows.append(
+            {
+                "model": kind,
+                "val_bpd": bpd["val"],
+                "test_bpd": bpd["test"],
+                "inference_s": inference,
+                "sampling_s": sampling,
+                "parameters": model.num_parameters(),
+                "train_time_s": result["train_time_s"],
+                "epochs": result["epochs"],
+            }
+        )
         models[kind] = model
 
     # Two of the tutorial's analyses on the trained models.
     images = splits["test"].images[:64].long()
     noise_png, noise_stats = analysis.plot_dequantization_noise(
-        {"simple (uniform)": models["simple"], "vardeq (variational)": models["vardeq"]}, images, out / "dequantization_noise.png", repeats=2)
-    shared_png, _ = analysis.plot_shared_final_latent(models["multiscale"], out / "shared_final_latent.png", temperature=0.7)
+        {"simple (uniform)": models["simple"], "vardeq (variational)": models["vardeq"]},
+        images,
+        out / "dequantization_noise.png",
+        repeats=2,
+    )
+    shared_png, _ = analysis.plot_shared_final_latent(
+        models["multiscale"], out / "shared_final_latent.png", temperature=0.7
+    )
 
-    budget = (f"{cfg['epochs']} epoch(s)" + (f" x {cfg['max_train_batches']} batches" if cfg["max_train_batches"] else "")
-              + f" of {cfg['batch_size']} on {args.data}; bpd with {cfg['importance_samples']} importance samples")
+    budget = (
+        f"{cfg['epochs']} epoch(s)"
+        + (f" x {cfg['max_train_batches']} batches" if cfg["max_train_batches"] else "")
+        + f" of {cfg['batch_size']} on {args.data}; bpd with {cfg['importance_samples']} importance samples"
+    )
     print(f"\nSame budget for each model: {budget}\n")
     print(text_table(rows))
     md = markdown_table(rows)
     print("\n" + md)
-    for name, text in (("table.md", f"Budget: {budget}.\n\n{md}\n"),
-                       ("results.json", json.dumps({"budget": budget, "rows": rows, "dequantization_noise": noise_stats,
-                                                    "files": {"noise": str(noise_png), "shared_final_latent": str(shared_png)}},
-                                                   indent=2))):
+    for name, text in (
+        ("table.md", f"Budget: {budget}.\n\n{md}\n"),
+        (
+            "results.json",
+            json.dumps(
+                {
+                    "budget": budget,
+                    "rows": rows,
+                    "dequantization_noise": noise_stats,
+                    "files": {"noise": str(noise_png), "shared_final_latent": str(shared_png)},
+                },
+                indent=2,
+            ),
+        ),
+    ):
         atomic_write_text(out / name, text)
     print(f"\nwrote {out / 'table.md'}, {out / 'results.json'}, {noise_png.name} and {shared_png.name}")
     return {"rows": rows}

@@ -16,4 +16,14 @@ from flowkit.models import ImageFlow, build_model, glow, tutorial_flow  # noqa: 
 
 __version__ = "0.1.0"
 
-__all__ = ["CheckReport", "ImageFlow", "build_model", "check_transform", "glow", "layers", "models", "tutorial_flow", "__version__"]
+__all__ = [
+    "CheckReport",
+    "ImageFlow",
+    "build_model",
+    "check_transform",
+    "glow",
+    "layers",
+    "models",
+    "tutorial_flow",
+    "__version__",
+]

@@ -1,6 +1,6 @@
 """``python -m flowkit ...``: the ``flowkit`` command line, e.g. under torchrun::
 
-    torchrun --nproc_per_node=2 -m flowkit train --data digits --batch-size 128 --out runs/ddp
+torchrun --nproc_per_node=2 -m flowkit train --data digits --batch-size 128 --out runs/ddp
 """
 
 import sys

@@ -23,8 +23,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -163,7 +163,11 @@ def plot_dequantization_distribution(
     ax.set_ylim(0, density.max() * 1.1)
     ax.set_xlabel("z")
     ax.set_ylabel("density")
-    ax.set_title(title or f"Dequantization distribution for {num_levels} levels" + (" (with prior)" if prior is not None else ""), fontsize=9)
+    ax.set_title(
+        title
+        or f"Dequantization distribution for {num_levels} levels" + (" (with prior)" if prior is not None else ""),
+        fontsize=9,
+    )
     ax.legend(fontsize=6, ncol=2 if num_levels > 8 else 1, loc="upper right")
     fig.tight_layout()
     return atomic_savefig(fig, path, dpi=DPI)
@@ -171,7 +175,9 @@ def plot_dequantization_distribution(
 
 # -- learned dequantization noise ---------------------------------------------------------------
 @torch.no_grad()
-def dequantization_noise(model: ImageFlow | Dequantization, images: torch.Tensor, repeats: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+def dequantization_noise(
+    model: ImageFlow | Dequantization, images: torch.Tensor, repeats: int = 8
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Noise ``u`` and logits ``z`` a model's dequantization draws for ``images``.
 
     ``z = dequantization(x)`` (``repeats`` draws per image) and ``u = v - x`` with
@@ -253,7 +259,9 @@ def plot_dequantization_noise(
         ax_u.hist(u.numpy(), bins=bins, range=(0.0, 1.0), density=True, color="C0", alpha=0.6, edgecolor="C0")
         ax_u.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
         ax_u.set_xlim(0, 1)
-        ax_u.set_title(f"{name}: noise u (mean {stats[name]['u_mean']:.3f}, std {stats[name]['u_std']:.3f})", fontsize=8)
+        ax_u.set_title(
+            f"{name}: noise u (mean {stats[name]['u_mean']:.3f}, std {stats[name]['u_std']:.3f})", fontsize=8
+        )
         ax_z.hist(z.numpy(), bins=4 * bins, density=True, color="C1", alpha=0.6, edgecolor="C1")
         ax_z.set_title(f"{name}: dequantized logits z", fontsize=8)
         for ax in (ax_u, ax_z):
@@ -327,7 +335,9 @@ def plot_interpolation(
     model = _check_model(model)
     _check_positive_int("steps", steps, 2)
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] < 2:
-        raise ValueError(f"images: expected at least two images [N>=2, C, H, W], got {getattr(images, 'shape', images)}")
+        raise ValueError(
+            f"images: expected at least two images [N>=2, C, H, W], got {getattr(images, 'shape', images)}"
+        )
     pairs = images.shape[0] // 2 if num_pairs is None else _check_positive_int("num_pairs", num_pairs)
     if 2 * pairs > images.shape[0]:
         raise ValueError(f"num_pairs: {pairs} pairs need {2 * pairs} images, got {images.shape[0]}")
@@ -420,7 +430,9 @@ def plot_temperature_sweep(
     """PNG of :func:`temperature_sweep_samples`, one row per temperature; returns ``(path, images)``."""
     images = temperature_sweep_samples(model, temperatures, num_cols, seed)
     labels = [f"T = {float(t):g}" for t in temperatures]
-    return _save_rows(images, path, model.num_levels, num_cols, labels, "samples at temperature T (same base noise per column)"), images
+    return _save_rows(
+        images, path, model.num_levels, num_cols, labels, "samples at temperature T (same base noise per column)"
+    ), images
 
 
 # -- everything at once --------------------------------------------------------------------------
@@ -460,13 +472,21 @@ def analyze(
     files["dequantization_distribution"] = plot_dequantization_distribution(out / "dequantization_distribution.png", k)
     counts = torch.bincount(images.reshape(-1).long().cpu(), minlength=k).double() + 1.0  # add-one: every level visible
     files["dequantization_distribution_prior"] = plot_dequantization_distribution(
-        out / "dequantization_distribution_prior.png", k, prior=(counts / counts.sum()).tolist(),
+        out / "dequantization_distribution_prior.png",
+        k,
+        prior=(counts / counts.sum()).tolist(),
         title=f"Dequantization distribution for {k} levels, prior = level frequencies of the data",
     )
     with _seeded(seed, model.device):
-        files["dequantization_noise"], _ = plot_dequantization_noise({name: model}, images, out / "dequantization_noise.png", repeats)
-    files["interpolation"], _ = plot_interpolation(model, images[: min(6, images.shape[0] // 2 * 2)], out / "interpolation.png", seed=seed)
-    files["temperature_sweep"], _ = plot_temperature_sweep(model, out / "temperature_sweep.png", temperatures, seed=seed)
+        files["dequantization_noise"], _ = plot_dequantization_noise(
+            {name: model}, images, out / "dequantization_noise.png", repeats
+        )
+    files["interpolation"], _ = plot_interpolation(
+        model, images[: min(6, images.shape[0] // 2 * 2)], out / "interpolation.png", seed=seed
+    )
+    files["temperature_sweep"], _ = plot_temperature_sweep(
+        model, out / "temperature_sweep.png", temperatures, seed=seed
+    )
     if len(model.level_shapes) > 1:
         files["shared_final_latent"], _ = plot_shared_final_latent(model, out / "shared_final_latent.png", seed=seed)
     return files

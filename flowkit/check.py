@@ -20,12 +20,20 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from nflows.transforms import Transform
 
-__all__ = ["CheckReport", "LayerCase", "LAYER_CASES", "check_transform", "register_case", "perturb_parameters", "format_reports"]
+__all__ = [
+    "CheckReport",
+    "LayerCase",
+    "LAYER_CASES",
+    "check_transform",
+    "register_case",
+    "perturb_parameters",
+    "format_reports",
+]
 
 
 @dataclasses.dataclass
@@ -91,7 +99,7 @@ def _jacobian_logdets(fn, points: torch.Tensor) -> torch.Tensor:
     out = []
     for i in range(points.shape[0]):
         p = points[i : i + 1]
-        jac = torch.autograd.functional.jacobian(lambda q: fn(q, i).reshape(-1), p)
+        jac = torch.autograd.functional.jacobian(lambda q: fn(q, i).reshape(-1), p)  # noqa: B023 (called at once)
         jac = jac.reshape(p.numel(), p.numel())
         out.append(torch.linalg.slogdet(jac)[1])
     return torch.stack(out)
@@ -140,7 +148,10 @@ def check_transform(
     was_training = transform.training
     transform.eval()
     try:
-        ref_dtype = next((b.dtype for b in list(transform.parameters()) + list(transform.buffers()) if b.is_floating_point()), torch.get_default_dtype())
+        ref_dtype = next(
+            (b.dtype for b in list(transform.parameters()) + list(transform.buffers()) if b.is_floating_point()),
+            torch.get_default_dtype(),
+        )
         run_dtype = inputs.dtype if inputs.is_floating_point() else ref_dtype
         with torch.no_grad():
             if stochastic:
@@ -236,7 +247,12 @@ def _case_vardeq() -> LayerCase:
     from flowkit.layers import GatedConvNet, MaskedAffineCoupling, VariationalDequantization, checkerboard_mask
 
     flow = CompositeTransform(
-        [MaskedAffineCoupling(checkerboard_mask(4, 4, invert=i % 2 == 1), GatedConvNet(1, 2, 8, 1, context_channels=1), 1) for i in range(2)]
+        [
+            MaskedAffineCoupling(
+                checkerboard_mask(4, 4, invert=i % 2 == 1), GatedConvNet(1, 2, 8, 1, context_channels=1), 1
+            )
+            for i in range(2)
+        ]
     )
     return LayerCase(VariationalDequantization(flow, 256), _images())
 
@@ -252,7 +268,9 @@ def _case_coupling_checkerboard() -> LayerCase:
 def _case_coupling_channel() -> LayerCase:
     from flowkit.layers import GatedConvNet, MaskedAffineCoupling, channel_mask
 
-    return LayerCase(MaskedAffineCoupling(channel_mask(4, invert=True), GatedConvNet(4, 8, 8, 1), 4), _floats(3, 4, 2, 2))
+    return LayerCase(
+        MaskedAffineCoupling(channel_mask(4, invert=True), GatedConvNet(4, 8, 8, 1), 4), _floats(3, 4, 2, 2)
+    )
 
 
 @register_case("MaskedAffineCoupling[context]")
@@ -260,7 +278,9 @@ def _case_coupling_context() -> LayerCase:
     from flowkit.layers import GatedConvNet, MaskedAffineCoupling, checkerboard_mask
 
     net = GatedConvNet(1, 2, 8, 1, context_channels=1)
-    return LayerCase(MaskedAffineCoupling(checkerboard_mask(4, 4), net, 1), _floats(3, 1, 4, 4), _floats(3, 1, 4, 4, seed=1))
+    return LayerCase(
+        MaskedAffineCoupling(checkerboard_mask(4, 4), net, 1), _floats(3, 1, 4, 4), _floats(3, 1, 4, 4, seed=1)
+    )
 
 
 @register_case("nflows.AffineCoupling+GatedConvNet")
@@ -295,7 +315,9 @@ def _case_onebyone_cached() -> LayerCase:
 def _case_logit() -> LayerCase:
     from nflows.transforms import Logit
 
-    return LayerCase(Logit(temperature=0.5), torch.rand(3, 1, 3, 3, generator=torch.Generator().manual_seed(0)) * 0.9 + 0.05)
+    return LayerCase(
+        Logit(temperature=0.5), torch.rand(3, 1, 3, 3, generator=torch.Generator().manual_seed(0)) * 0.9 + 0.05
+    )
 
 
 @register_case("tutorial multiscale flow")
@@ -356,7 +378,9 @@ def _case_bridge_masked_affine() -> LayerCase:
     from flowkit.bridge import to_nflows
 
     mask = torch.tensor([1.0, 0.0])
-    flow = nf.flows.MaskedAffineFlow(mask, t=nf.nets.MLP([2, 8, 2], init_zeros=True), s=nf.nets.MLP([2, 8, 2], init_zeros=True))
+    flow = nf.flows.MaskedAffineFlow(
+        mask, t=nf.nets.MLP([2, 8, 2], init_zeros=True), s=nf.nets.MLP([2, 8, 2], init_zeros=True)
+    )
     return LayerCase(to_nflows(flow), _floats(3, 2))
 
 
@@ -368,6 +392,10 @@ def _case_bridge_roundtrip() -> LayerCase:
     from flowkit.bridge import to_nflows, to_normflows
 
     inner = PiecewiseRationalQuadraticCouplingTransform(
-        torch.tensor([1, 0]), lambda i, o: ResidualNet(i, o, 8, num_blocks=1), num_bins=4, tails="linear", tail_bound=3.0
+        torch.tensor([1, 0]),
+        lambda i, o: ResidualNet(i, o, 8, num_blocks=1),
+        num_bins=4,
+        tails="linear",
+        tail_bound=3.0,
     )
     return LayerCase(to_nflows(to_normflows(inner)), _floats(3, 2))

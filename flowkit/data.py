@@ -96,9 +96,13 @@ class ImageDataset(Dataset):
         indices: torch.Tensor | None = None,
     ):
         if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.is_floating_point():
-            raise ValueError(f"images: expected an integer tensor [N, C, H, W], got {getattr(images, 'shape', images)!r}")
+            raise ValueError(
+                f"images: expected an integer tensor [N, C, H, W], got {getattr(images, 'shape', images)!r}"
+            )
         if not isinstance(labels, torch.Tensor) or labels.shape != images.shape[:1]:
-            raise ValueError(f"labels: expected a tensor of shape [{images.shape[0]}], got {getattr(labels, 'shape', labels)!r}")
+            raise ValueError(
+                f"labels: expected a tensor of shape [{images.shape[0]}], got {getattr(labels, 'shape', labels)!r}"
+            )
         self.images = images
         self.labels = labels.long()
         self.num_levels = int(num_levels)
@@ -187,9 +191,8 @@ def _missing_message(name: str, root: Path, cls, reason: str) -> str:
         )
     else:
         files = ", ".join(fn for fn, _ in cls.resources)
-        how = (
-            f"put {files} (gzip'd or unpacked) in {where}/; they are at {cls.mirrors[0]}<file>"
-            + (f" (or {', '.join(cls.mirrors[1:])})" if len(cls.mirrors) > 1 else "")
+        how = f"put {files} (gzip'd or unpacked) in {where}/; they are at {cls.mirrors[0]}<file>" + (
+            f" (or {', '.join(cls.mirrors[1:])})" if len(cls.mirrors) > 1 else ""
         )
     return (
         f"data set {name!r} ({tv_name}) is not in {where} and {reason}. To use it offline, {how}; "
@@ -251,7 +254,7 @@ def _load_torchvision(name: str, root: Path, download: bool) -> tuple[ImageDatas
             raise DatasetNotFoundError(_missing_message(name, root, cls, reason)) from err
 
     out = []
-    for ds, split in zip(sets, ("train", "test")):
+    for ds, split in zip(sets, ("train", "test"), strict=False):
         data = torch.as_tensor(ds.data)
         # MNIST-like: [N, H, W] uint8; CIFAR-10: [N, H, W, 3] uint8 (numpy)
         images = data.unsqueeze(1) if data.dim() == 3 else data.permute(0, 3, 1, 2)
@@ -301,7 +304,9 @@ def load_splits(
         test = full.subset(perm[:n_test].sort().values, "digits/test")
         rest = full.subset(perm[n_test:].sort().values, "digits")
         # default validation size: 10 % of all digits, i.e. a 70/10/20 split
-        train, val = _split_train_val(rest, round(DEFAULT_VAL_FRACTION * n) if val_size is None else val_size, seed, "digits")
+        train, val = _split_train_val(
+            rest, round(DEFAULT_VAL_FRACTION * n) if val_size is None else val_size, seed, "digits"
+        )
         return {"train": train, "val": val, "test": test}
     train_full, test = _load_torchvision(name, Path(root), download)
     train, val = _split_train_val(train_full, val_size, seed, name)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -37,7 +37,9 @@ def _env_int(name: str, default: int) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise ValueError(f"{name}: expected an integer in the environment (as torchrun sets it), got {text!r}") from None
+        raise ValueError(
+            f"{name}: expected an integer in the environment (as torchrun sets it), got {text!r}"
+        ) from None
     if value < 0:
         raise ValueError(f"{name}: expected an integer >= 0 in the environment, got {value}")
     return value
@@ -161,8 +163,10 @@ def setup(device: str | torch.device = "auto") -> DistributedContext:
     if world > 1 and base.type == "cuda":
         count = torch.cuda.device_count()
         if local_rank >= count:
-            raise ValueError(f"LOCAL_RANK: process {local_rank} needs its own GPU but this machine has {count}; "
-                             f"use --nproc_per_node <= {count} or --device cpu")
+            raise ValueError(
+                f"LOCAL_RANK: process {local_rank} needs its own GPU but this machine has {count}; "
+                f"use --nproc_per_node <= {count} or --device cpu"
+            )
         base = torch.device("cuda", local_rank)
         torch.cuda.set_device(base)
     if owns:

@@ -33,7 +33,7 @@ Each patch has a test in ``tests/test_nflows_compat.py`` that fails without it
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from nflows.transforms import linear as _linear

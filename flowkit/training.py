@@ -39,15 +39,17 @@ import math
 import os
 import random
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from flowkit.distributed import DistributedContext
+from flowkit.distributed import setup as setup_distributed
 from flowkit.io import atomic_write_bytes, write_json
-from flowkit.distributed import DistributedContext, setup as setup_distributed
 
 __all__ = [
     "TrainConfig",
@@ -298,8 +300,14 @@ def _write_metrics(out: Path, history: list[dict], summary: Mapping[str, Any]) -
 
 # -- evaluation --------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, importance_samples: int = 8, max_batches: int | None = None,
-             progress: bool = False, desc: str = "eval") -> float:
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    importance_samples: int = 8,
+    max_batches: int | None = None,
+    progress: bool = False,
+    desc: str = "eval",
+) -> float:
     """Mean bits/dim of ``model`` over ``loader`` (batches of integer images, or ``(images, labels)``).
 
     ``importance_samples = M > 1`` uses the importance-weighted bound
@@ -313,8 +321,9 @@ def evaluate(model: nn.Module, loader: Iterable, importance_samples: int = 8, ma
 
 
 @torch.no_grad()
-def _bpd_sum(model: nn.Module, loader: Iterable, importance_samples: int, max_batches: int | None,
-             progress: bool, desc: str) -> tuple[float, int]:
+def _bpd_sum(
+    model: nn.Module, loader: Iterable, importance_samples: int, max_batches: int | None, progress: bool, desc: str
+) -> tuple[float, int]:
     """``(sum of per-image bpd, number of images)`` over ``loader`` (see :func:`evaluate`)."""
     from tqdm.auto import tqdm
 
@@ -359,7 +368,9 @@ def independent_pixel_bpd(train_images: torch.Tensor, test_images: torch.Tensor,
     check_image_batch(train_images, "train_images", num_levels)
     check_image_batch(test_images, "test_images", num_levels)
     if train_images.shape[1:] != test_images.shape[1:]:
-        raise ValueError(f"test_images: shape {tuple(test_images.shape[1:])} differs from train_images' {tuple(train_images.shape[1:])}")
+        raise ValueError(
+            f"test_images: shape {tuple(test_images.shape[1:])} differs from train_images' {tuple(train_images.shape[1:])}"
+        )
     train = train_images.reshape(train_images.shape[0], -1).long()
     test = test_images.reshape(test_images.shape[0], -1).long()
     counts = torch.zeros(train.shape[1], num_levels, dtype=torch.float64)
@@ -386,14 +397,16 @@ def train(config: TrainConfig) -> dict:
     ctx = setup_distributed(config.device)
     try:
         if config.batch_size % ctx.world_size:
-            raise ValueError(f"batch_size: {config.batch_size} is the global batch and must divide evenly over the "
-                             f"{ctx.world_size} processes; use a multiple of {ctx.world_size}")
+            raise ValueError(
+                f"batch_size: {config.batch_size} is the global batch and must divide evenly over the "
+                f"{ctx.world_size} processes; use a multiple of {ctx.world_size}"
+            )
         return _train(config, ctx)
     finally:
         ctx.close()
 
 
-def _train(config: TrainConfig, ctx: DistributedContext) -> dict:
+def _train(config: TrainConfig, ctx: DistributedContext) -> dict:  # noqa: C901 (split into parts: issue 12)
     from torch.utils.data import DataLoader, DistributedSampler
     from tqdm.auto import tqdm
 
@@ -407,12 +420,17 @@ def _train(config: TrainConfig, ctx: DistributedContext) -> dict:
         out.mkdir(parents=True, exist_ok=True)
 
     info, splits = _load_data(config)
-    spec = {"name": config.model, "image_shape": list(info.image_shape), "num_levels": int(info.num_levels),
-            "kwargs": dict(config.model_kwargs)}
+    spec = {
+        "name": config.model,
+        "image_shape": list(info.image_shape),
+        "num_levels": int(info.num_levels),
+        "kwargs": dict(config.model_kwargs),
+    }
     # batch_size is global: rank r takes items r, r+N, ... of the epoch's permutation (seed + epoch)
     per_rank = config.batch_size // ctx.world_size
-    sampler = DistributedSampler(splits["train"], num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
-                                 seed=config.seed, drop_last=True)
+    sampler = DistributedSampler(
+        splits["train"], num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=config.seed, drop_last=True
+    )
     loader_kwargs = {"batch_size": per_rank, "num_workers": config.num_workers, "pin_memory": device.type == "cuda"}
     train_loader = DataLoader(splits["train"], sampler=sampler, drop_last=len(sampler) > per_rank, **loader_kwargs)
     val_loader = DataLoader(_shard(splits["val"], ctx), shuffle=False, **loader_kwargs)
@@ -423,8 +441,10 @@ def _train(config: TrainConfig, ctx: DistributedContext) -> dict:
             raise FileNotFoundError(f"resume: no checkpoint at {last_path}; run without --resume to start a new run")
         model, payload = load_checkpoint(last_path, device)
         if payload["model"] != spec:
-            raise ValueError(f"resume: {last_path} holds model {payload['model']}, but this run asks for {spec}; "
-                             "use the same --model/--model-kwargs/--data or another --out")
+            raise ValueError(
+                f"resume: {last_path} holds model {payload['model']}, but this run asks for {spec}; "
+                "use the same --model/--model-kwargs/--data or another --out"
+            )
         model.train()
     else:
         if main:
@@ -451,8 +471,12 @@ def _train(config: TrainConfig, ctx: DistributedContext) -> dict:
         start_epoch, skipped_total, elapsed = payload["epoch"], payload["skipped_steps"], payload["train_time_s"]
 
     num_params = sum(p.numel() for p in model.parameters())
-    summary = {"config": dataclasses.asdict(config), "model": spec, "num_parameters": num_params,
-               "world_size": ctx.world_size}
+    summary = {
+        "config": dataclasses.asdict(config),
+        "model": spec,
+        "num_parameters": num_params,
+        "world_size": ctx.world_size,
+    }
     consecutive = 0
     for epoch in range(start_epoch, config.epochs):
         t0 = time.perf_counter()
@@ -461,9 +485,12 @@ def _train(config: TrainConfig, ctx: DistributedContext) -> dict:
         model.train()
         lr = optimizer.param_groups[0]["lr"]
         total, count, skipped = 0.0, 0, 0
-        n_batches = len(train_loader) if config.max_train_batches is None else min(len(train_loader), config.max_train_batches)
-        bar = tqdm(train_loader, total=n_batches, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
-                   disable=not progress)
+        n_batches = (
+            len(train_loader) if config.max_train_batches is None else min(len(train_loader), config.max_train_batches)
+        )
+        bar = tqdm(
+            train_loader, total=n_batches, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, disable=not progress
+        )
         for step, (x, _) in enumerate(bar):
             if step >= n_batches:
                 break
@@ -473,7 +500,9 @@ def _train(config: TrainConfig, ctx: DistributedContext) -> dict:
             if ctx.all_true(torch.isfinite(loss)):  # skip on every rank, or on none
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip if config.grad_clip > 0 else math.inf)
+                grad_norm = nn.utils.clip_grad_norm_(
+                    model.parameters(), config.grad_clip if config.grad_clip > 0 else math.inf
+                )
             if grad_norm is None or not torch.isfinite(grad_norm):  # gradients are averaged: same on every rank
                 skipped += 1
                 consecutive += 1
@@ -497,51 +526,108 @@ def _train(config: TrainConfig, ctx: DistributedContext) -> dict:
         total, count = ctx.all_reduce_sum([total, count])
         val_bpd = _reduced_mean(ctx, *_bpd_sum(model, val_loader, 1, config.max_eval_batches, False, "val"), "val")
         elapsed += time.perf_counter() - t0
-        history.append({"epoch": epoch + 1, "train_bpd": total / count if count else math.nan, "val_bpd": val_bpd,
-                        "lr": lr, "skipped_steps": skipped, "time_s": round(elapsed, 3)})
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "train_bpd": total / count if count else math.nan,
+                "val_bpd": val_bpd,
+                "lr": lr,
+                "skipped_steps": skipped,
+                "time_s": round(elapsed, 3),
+            }
+        )
         improved = math.isfinite(val_bpd) and val_bpd < best_val
         if improved:
             best_val, best_epoch = val_bpd, epoch + 1
         ckpt = {
-            "format": CHECKPOINT_FORMAT, "model": spec, "state_dict": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
-            "history": history, "best_val_bpd": best_val, "best_epoch": best_epoch, "skipped_steps": skipped_total,
-            "train_time_s": elapsed, "config": dataclasses.asdict(config), "world_size": ctx.world_size,
+            "format": CHECKPOINT_FORMAT,
+            "model": spec,
+            "state_dict": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epoch": epoch + 1,
+            "history": history,
+            "best_val_bpd": best_val,
+            "best_epoch": best_epoch,
+            "skipped_steps": skipped_total,
+            "train_time_s": elapsed,
+            "config": dataclasses.asdict(config),
+            "world_size": ctx.world_size,
         }
         _check_finite(ckpt, last_path)  # on every rank (identical states), so no rank waits for a failed one
         if main:
             save_checkpoint(ckpt, last_path)
             if improved:
                 save_checkpoint(ckpt, best_path)
-            _write_metrics(out, history, {**summary, "best_epoch": best_epoch, "best_val_bpd": best_val,
-                                          "skipped_steps": skipped_total, "train_time_s": elapsed})
-            print(f"epoch {epoch + 1}/{config.epochs}: train {history[-1]['train_bpd']:.4f} bpd, val {val_bpd:.4f} bpd"
-                  f"{' (best)' if improved else ''}, lr {lr:.2e}, {elapsed:.1f}s", flush=True)
+            _write_metrics(
+                out,
+                history,
+                {
+                    **summary,
+                    "best_epoch": best_epoch,
+                    "best_val_bpd": best_val,
+                    "skipped_steps": skipped_total,
+                    "train_time_s": elapsed,
+                },
+            )
+            print(
+                f"epoch {epoch + 1}/{config.epochs}: train {history[-1]['train_bpd']:.4f} bpd, val {val_bpd:.4f} bpd"
+                f"{' (best)' if improved else ''}, lr {lr:.2e}, {elapsed:.1f}s",
+                flush=True,
+            )
         ctx.barrier()
 
     # final: the best model on the test split (importance-sampled, shared over the ranks), samples and curves
-    files = {"last": str(last_path), "best": str(best_path), "metrics_csv": str(out / "metrics.csv"),
-             "metrics_json": str(out / "metrics.json")}
+    files = {
+        "last": str(last_path),
+        "best": str(best_path),
+        "metrics_csv": str(out / "metrics.csv"),
+        "metrics_json": str(out / "metrics.json"),
+    }
     test_bpd = None
     best_model, _ = load_checkpoint(best_path if best_path.is_file() else last_path, device)
     _seed_all(config.seed, ctx.rank, 1)  # the final evaluation's noise
     if config.importance_samples > 0:
         test_loader = DataLoader(_shard(splits["test"], ctx), shuffle=False, **loader_kwargs)
-        test_bpd = _reduced_mean(ctx, *_bpd_sum(best_model, test_loader, config.importance_samples,
-                                                config.max_eval_batches, progress, "test"), "test")
+        test_bpd = _reduced_mean(
+            ctx,
+            *_bpd_sum(best_model, test_loader, config.importance_samples, config.max_eval_batches, progress, "test"),
+            "test",
+        )
     if main:
         gen = torch.Generator(device=device).manual_seed(config.seed)
         samples = best_model.sample(config.num_samples, temperature=config.sample_temperature, generator=gen)
-        files["samples"] = str(save_image_grid(samples, out / "samples.png", best_model.num_levels,
-                                               title=f"{config.model} on {config.data}, T={config.sample_temperature}"))
-        files["curves"] = str(save_curves({"train": [h["train_bpd"] for h in history], "val": [h["val_bpd"] for h in history]},
-                                          out / "curves.png", title=f"{config.model} on {config.data}",
-                                          x=[h["epoch"] for h in history]))
+        files["samples"] = str(
+            save_image_grid(
+                samples,
+                out / "samples.png",
+                best_model.num_levels,
+                title=f"{config.model} on {config.data}, T={config.sample_temperature}",
+            )
+        )
+        files["curves"] = str(
+            save_curves(
+                {"train": [h["train_bpd"] for h in history], "val": [h["val_bpd"] for h in history]},
+                out / "curves.png",
+                title=f"{config.model} on {config.data}",
+                x=[h["epoch"] for h in history],
+            )
+        )
     else:
         files["samples"], files["curves"] = str(out / "samples.png"), str(out / "curves.png")
-    result = {**summary, "out": str(out), "epochs": len(history), "history": history, "best_epoch": best_epoch,
-              "best_val_bpd": best_val, "test_bpd": test_bpd, "importance_samples": config.importance_samples,
-              "train_time_s": elapsed, "skipped_steps": skipped_total, "files": files}
+    result = {
+        **summary,
+        "out": str(out),
+        "epochs": len(history),
+        "history": history,
+        "best_epoch": best_epoch,
+        "best_val_bpd": best_val,
+        "test_bpd": test_bpd,
+        "importance_samples": config.importance_samples,
+        "train_time_s": elapsed,
+        "skipped_steps": skipped_total,
+        "files": files,
+    }
     if main:
         _write_metrics(out, history, {k: v for k, v in result.items() if k != "history"})
     ctx.barrier()

@@ -35,7 +35,9 @@ def multiscale():
 @pytest.fixture(scope="module")
 def single_level():
     torch.manual_seed(0)  # one level: nothing is split off early; uniform dequantization
-    return glow(SHAPE, levels=1, steps_per_level=1, hidden_channels=8, num_layers=1, num_levels=LEVELS, dequantization="uniform").eval()
+    return glow(
+        SHAPE, levels=1, steps_per_level=1, hidden_channels=8, num_layers=1, num_levels=LEVELS, dequantization="uniform"
+    ).eval()
 
 
 def _mass_per_level(num_levels, prior):
@@ -97,7 +99,9 @@ def test_dequantization_noise_variational_follows_the_learned_flow(multiscale):
 
 
 def test_plot_dequantization_noise_rows_and_stats(tmp_path, single_level, multiscale):
-    path, stats = analysis.plot_dequantization_noise({"uniform": single_level, "variational": multiscale}, _images(8), tmp_path / "n.png", repeats=2)
+    path, stats = analysis.plot_dequantization_noise(
+        {"uniform": single_level, "variational": multiscale}, _images(8), tmp_path / "n.png", repeats=2
+    )
     assert _png_shape(path) == (480, 800, 4)
     assert set(stats) == {"uniform", "variational"}
     assert all(np.isfinite(v) for s in stats.values() for v in s.values())
@@ -136,7 +140,9 @@ def test_shared_final_latent_shares_exactly_the_final_level(multiscale):
 
     multiscale.decode = spy
     try:
-        images = analysis.shared_final_latent_samples(multiscale, num_rows=3, num_cols=4, generator=torch.Generator().manual_seed(0))
+        images = analysis.shared_final_latent_samples(
+            multiscale, num_rows=3, num_cols=4, generator=torch.Generator().manual_seed(0)
+        )
     finally:
         del multiscale.decode
     assert images.shape == (12, *SHAPE) and images.dtype == torch.long
@@ -166,8 +172,14 @@ def test_temperature_sweep_uses_the_same_base_noise(multiscale, tmp_path):
 
 def test_analyze_writes_every_applicable_picture(tmp_path, multiscale, single_level):
     files = analysis.analyze(multiscale, _images(6), tmp_path / "ms", repeats=1)
-    assert set(files) == {"dequantization_distribution", "dequantization_distribution_prior", "dequantization_noise",
-                          "interpolation", "temperature_sweep", "shared_final_latent"}
+    assert set(files) == {
+        "dequantization_distribution",
+        "dequantization_distribution_prior",
+        "dequantization_noise",
+        "interpolation",
+        "temperature_sweep",
+        "shared_final_latent",
+    }
     for path in files.values():
         h, w, c = _png_shape(path)
         assert h >= 100 and w >= 200 and c == 4
@@ -180,13 +192,46 @@ def test_cli_analyze_on_a_trained_checkpoint(tmp_path, capsys):
     from flowkit.training import TrainConfig, train
 
     run = tmp_path / "run"
-    train(TrainConfig(data="digits", model="glow", epochs=1, batch_size=32, out=str(run), importance_samples=0,
-                      max_train_batches=2, max_eval_batches=1, num_samples=4, init_batch_size=32, progress=False,
-                      device="cpu", model_kwargs={"levels": 2, "steps_per_level": 1, "hidden_channels": 8, "num_layers": 1,
-                                                  "dequantization": "uniform"}))
+    train(
+        TrainConfig(
+            data="digits",
+            model="glow",
+            epochs=1,
+            batch_size=32,
+            out=str(run),
+            importance_samples=0,
+            max_train_batches=2,
+            max_eval_batches=1,
+            num_samples=4,
+            init_batch_size=32,
+            progress=False,
+            device="cpu",
+            model_kwargs={
+                "levels": 2,
+                "steps_per_level": 1,
+                "hidden_channels": 8,
+                "num_layers": 1,
+                "dequantization": "uniform",
+            },
+        )
+    )
     out = tmp_path / "analysis"
-    assert main(["analyze", "--checkpoint", str(run / "last.pt"), "--out", str(out), "--num-images", "4",
-                 "--temperatures", "0.5,1"]) == 0
+    assert (
+        main(
+            [
+                "analyze",
+                "--checkpoint",
+                str(run / "last.pt"),
+                "--out",
+                str(out),
+                "--num-images",
+                "4",
+                "--temperatures",
+                "0.5,1",
+            ]
+        )
+        == 0
+    )
     index = json.loads((out / "analysis.json").read_text())
     assert len(index["files"]) == 6
     for path in index["files"].values():

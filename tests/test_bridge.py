@@ -13,7 +13,11 @@ from flowkit.check import LAYER_CASES, perturb_parameters
 
 def _rq_coupling(mask=(1, 0)):
     return PiecewiseRationalQuadraticCouplingTransform(
-        torch.tensor(list(mask)), lambda i, o: ResidualNet(i, o, 8, num_blocks=1), num_bins=4, tails="linear", tail_bound=3.0
+        torch.tensor(list(mask)),
+        lambda i, o: ResidualNet(i, o, 8, num_blocks=1),
+        num_bins=4,
+        tails="linear",
+        tail_bound=3.0,
     )
 
 
@@ -81,7 +85,10 @@ def test_scalar_logdet_of_normflows_is_expanded_to_batch():
 
 def test_flowkit_layer_through_normflows_model_log_prob_matches_sample():
     torch.manual_seed(0)
-    model = nf.NormalizingFlow(nf.distributions.DiagGaussian(2), [to_normflows(perturb_parameters(ActNorm(2), 0.5)), to_normflows(perturb_parameters(_rq_coupling()))])
+    model = nf.NormalizingFlow(
+        nf.distributions.DiagGaussian(2),
+        [to_normflows(perturb_parameters(ActNorm(2), 0.5)), to_normflows(perturb_parameters(_rq_coupling()))],
+    )
     model.eval()  # nflows ActNorm initialises itself from data in training mode
     x, log_q = model.sample(64)
     torch.testing.assert_close(model.log_prob(x), log_q, rtol=1e-4, atol=1e-4)

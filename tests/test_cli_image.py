@@ -15,9 +15,33 @@ TINY = {"levels": 1, "steps_per_level": 1, "hidden_channels": 4, "num_layers": 0
 
 
 def _train_args(out, epochs, *extra):
-    return ["train", "--data", "digits", "--model", "glow", "--model-kwargs", json.dumps(TINY), "--epochs", str(epochs),
-            "--out", str(out), "--batch-size", "16", "--max-train-batches", "2", "--max-eval-batches", "2",
-            "--importance-samples", "2", "--seed", "1", "--device", "cpu", "--no-progress", *extra]
+    return [
+        "train",
+        "--data",
+        "digits",
+        "--model",
+        "glow",
+        "--model-kwargs",
+        json.dumps(TINY),
+        "--epochs",
+        str(epochs),
+        "--out",
+        str(out),
+        "--batch-size",
+        "16",
+        "--max-train-batches",
+        "2",
+        "--max-eval-batches",
+        "2",
+        "--importance-samples",
+        "2",
+        "--seed",
+        "1",
+        "--device",
+        "cpu",
+        "--no-progress",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +74,22 @@ def test_train_reports_bad_options(tmp_path, capsys):
 
 def test_evaluate_prints_the_test_bpd(run_dir, capsys):
     capsys.readouterr()
-    args = ["evaluate", "--checkpoint", str(run_dir / "best.pt"), "--split", "test", "--importance-samples", "2",
-            "--max-batches", "2", "--batch-size", "16", "--device", "cpu", "--no-progress"]
+    args = [
+        "evaluate",
+        "--checkpoint",
+        str(run_dir / "best.pt"),
+        "--split",
+        "test",
+        "--importance-samples",
+        "2",
+        "--max-batches",
+        "2",
+        "--batch-size",
+        "16",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     assert main(args) == 0
     text = capsys.readouterr().out
     match = re.search(r"test bpd: (\d+\.\d+) \(importance sampling, 2 samples; 32 images of digits", text)
@@ -63,8 +101,19 @@ def test_evaluate_prints_the_test_bpd(run_dir, capsys):
 
 def test_sample_writes_a_png_grid(run_dir, tmp_path, capsys):
     out = tmp_path / "grid.png"
-    args = ["sample", "--checkpoint", str(run_dir / "last.pt"), "--n", "9", "--temperature", "0.7", "--out", str(out),
-            "--device", "cpu"]
+    args = [
+        "sample",
+        "--checkpoint",
+        str(run_dir / "last.pt"),
+        "--n",
+        "9",
+        "--temperature",
+        "0.7",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+    ]
     assert main(args) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "wrote 9 samples" in capsys.readouterr().out
@@ -72,8 +121,20 @@ def test_sample_writes_a_png_grid(run_dir, tmp_path, capsys):
 
 
 def test_demo_on_tiny_settings(tmp_path, capsys):
-    code = main(["demo", "--epochs", "1", "--max-train-batches", "2", "--importance-samples", "1", "--out",
-                 str(tmp_path), "--no-progress"])
+    code = main(
+        [
+            "demo",
+            "--epochs",
+            "1",
+            "--max-train-batches",
+            "2",
+            "--importance-samples",
+            "1",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
     text = capsys.readouterr().out
     assert "independent-pixel baseline" in text and "parameters" in text
     baseline = float(re.search(r"independent-pixel baseline .* (\d+\.\d+)\n", text).group(1))

@@ -26,7 +26,9 @@ def _digit_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 def _write_idx(path: Path, array: np.ndarray, compress: bool) -> None:
     """IDX (LeCun's MNIST format): magic 0x0000 08 <ndim>, big-endian int32 dims, uint8 data."""
     assert array.dtype == np.uint8
-    payload = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+    payload = (
+        struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+    )
     if compress:
         with gzip.open(path.with_name(path.name + ".gz"), "wb") as f:
             f.write(payload)
@@ -138,7 +140,12 @@ def test_missing_mnist_files_say_where_to_put_them(tmp_path):
     assert isinstance(info.value, FileNotFoundError)
     msg = str(info.value)
     assert str(tmp_path / "MNIST" / "raw") in msg
-    for f in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+    for f in (
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+    ):
         assert f in msg
     assert "download=False" in msg and "https://" in msg
 

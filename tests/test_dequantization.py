@@ -4,6 +4,7 @@ import pytest
 import torch
 from nflows.transforms import CompositeTransform
 
+from flowkit.check import perturb_parameters
 from flowkit.layers import (
     Dequantization,
     GatedConvNet,
@@ -12,7 +13,6 @@ from flowkit.layers import (
     VariationalDequantization,
     checkerboard_mask,
 )
-from flowkit.check import perturb_parameters
 
 LEVELS = [2, 17, 256]
 
@@ -51,7 +51,12 @@ def test_without_the_margin_the_round_trip_fails(k):
 def test_variational_round_trip_exact_for_every_level(k):
     torch.manual_seed(0)
     flow = CompositeTransform(
-        [MaskedAffineCoupling(checkerboard_mask(1, k, invert=i % 2 == 1), GatedConvNet(1, 2, 8, 1, context_channels=1), 1) for i in range(2)]
+        [
+            MaskedAffineCoupling(
+                checkerboard_mask(1, k, invert=i % 2 == 1), GatedConvNet(1, 2, 8, 1, context_channels=1), 1
+            )
+            for i in range(2)
+        ]
     )
     perturb_parameters(flow, scale=0.5)
     deq = VariationalDequantization(flow, num_levels=k)

@@ -24,9 +24,23 @@ GLOBAL_BATCH = 16
 
 
 def _config(out, batch_size=GLOBAL_BATCH, **overrides) -> TrainConfig:
-    options = dict(data="digits", model="glow", model_kwargs=dict(TINY), epochs=2, batch_size=batch_size, lr=2e-3,
-                   seed=5, device="cpu", out=str(out), importance_samples=2, max_train_batches=3, max_eval_batches=2,
-                   num_samples=4, init_batch_size=32, progress=False)
+    options = dict(
+        data="digits",
+        model="glow",
+        model_kwargs=dict(TINY),
+        epochs=2,
+        batch_size=batch_size,
+        lr=2e-3,
+        seed=5,
+        device="cpu",
+        out=str(out),
+        importance_samples=2,
+        max_train_batches=3,
+        max_eval_batches=2,
+        num_samples=4,
+        init_batch_size=32,
+        progress=False,
+    )
     options.update(overrides)
     return TrainConfig(**options)
 
@@ -96,16 +110,28 @@ def _max_diff(a: dict, b: dict) -> float:
 
 def _worker(rank: int, world: int, port: int, out: str, results: str) -> None:
     # exactly what torchrun gives each process; train() sets up the process group itself
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+    )
     torch.set_num_threads(1)
     record: dict = {}
     _instrument(setattr, record, poison_call=2 if rank == 1 else None)  # a NaN loss on rank 1 only
     result = train(_config(out))
     assert not dist.is_initialized(), "train() must destroy the process group it created"
-    torch.save({"state": record["model"].state_dict(), "noise": record["noise"], "saves": record["saves"],
-                "result": {k: result[k] for k in ("history", "test_bpd", "skipped_steps", "world_size")}},
-               os.path.join(results, f"rank{rank}.pt"))
+    torch.save(
+        {
+            "state": record["model"].state_dict(),
+            "noise": record["noise"],
+            "saves": record["saves"],
+            "result": {k: result[k] for k in ("history", "test_bpd", "skipped_steps", "world_size")},
+        },
+        os.path.join(results, f"rank{rank}.pt"),
+    )
 
 
 def _single_process(out, batch_size: int = GLOBAL_BATCH) -> tuple[dict, dict]:
@@ -126,8 +152,9 @@ def runs(tmp_path_factory):
     half = _single_process(tmp / "half", GLOBAL_BATCH // 2)
     out, results = tmp / "ddp", tmp / "ranks"
     results.mkdir()
-    procs = mp.start_processes(_worker, args=(2, _free_port(), str(out), str(results)), nprocs=2, join=False,
-                               start_method="fork")
+    procs = mp.start_processes(
+        _worker, args=(2, _free_port(), str(out), str(results)), nprocs=2, join=False, start_method="fork"
+    )
     deadline = time.monotonic() + 300  # a hung collective must fail the test, not stall CI
     while not procs.join(timeout=5):
         if time.monotonic() > deadline:
@@ -190,10 +217,38 @@ def test_ranks_draw_different_noise_and_only_rank_0_writes(runs):
 @pytest.mark.slow
 def test_torchrun_cli_trains_on_two_processes(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", "-m", "flowkit", "train", "--data", "digits", "--model", "glow",
-           "--model-kwargs", json.dumps(TINY), "--epochs", "1", "--batch-size", "16", "--max-train-batches", "2",
-           "--max-eval-batches", "1", "--importance-samples", "1", "--device", "cpu", "--out", str(out), "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        "-m",
+        "flowkit",
+        "train",
+        "--data",
+        "digits",
+        "--model",
+        "glow",
+        "--model-kwargs",
+        json.dumps(TINY),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--max-train-batches",
+        "2",
+        "--max-eval-batches",
+        "1",
+        "--importance-samples",
+        "1",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr

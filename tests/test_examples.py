@@ -24,7 +24,13 @@ TIMEOUT_S = 600
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg", "PYTHONWARNINGS": "ignore"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "MPLBACKEND": "Agg",
+        "PYTHONWARNINGS": "ignore",
+    }
     started = {}
     for name in EXAMPLES:
         work = tmp_path_factory.mktemp(name)
@@ -63,7 +69,9 @@ def samples_grid_shape(tmp_path_factory):
 
     from flowkit.viz import save_image_grid
 
-    path = save_image_grid(torch.zeros(64, 1, 8, 8, dtype=torch.long), tmp_path_factory.mktemp("grid") / "g.png", 17, title="t")
+    path = save_image_grid(
+        torch.zeros(64, 1, 8, 8, dtype=torch.long), tmp_path_factory.mktemp("grid") / "g.png", 17, title="t"
+    )
     return png_shape(path)
 
 
@@ -93,8 +101,13 @@ def test_mixing_layers(runs, samples_grid_shape):
     assert len(m["checks"]) == 3 and all(c["ok"] for c in m["checks"])
     assert all(finite(c["roundtrip_error"], c["jacobian_error"], c["ladj_sum_error"]) for c in m["checks"])
     assert finite(m["test_bpd_before"], m["test_bpd_after"]) and m["test_bpd_after"] < m["test_bpd_before"]
-    for source in ("flowkit.MaskedAffineCoupling", "nflows.SqueezeTransform", "nflows.OneByOneConvolution",
-                   "nflows.AffineCouplingTransform", "normflows.AffineCouplingBlock"):
+    for source in (
+        "flowkit.MaskedAffineCoupling",
+        "nflows.SqueezeTransform",
+        "nflows.OneByOneConvolution",
+        "nflows.AffineCouplingTransform",
+        "normflows.AffineCouplingBlock",
+    ):
         assert source in text
     assert png_shape(out / "samples.png") == samples_grid_shape
 
@@ -114,14 +127,21 @@ def test_custom_layer_is_verified_and_bugs_are_caught(runs, samples_grid_shape):
 def test_tutorial_comparison_prints_the_tutorial_table(runs):
     text, out = finish(runs, "tutorial_comparison")
     assert "| Model | Val bpd | Test bpd | Inference time | Sampling time | Parameters |" in text
-    md_rows = re.findall(r"^\| (simple|vardeq|multiscale) \| ([0-9.]+) \| ([0-9.]+) \| (\d+) ms \| (\d+) ms \| ([0-9,]+) \|$", text, re.M)
+    md_rows = re.findall(
+        r"^\| (simple|vardeq|multiscale) \| ([0-9.]+) \| ([0-9.]+) \| (\d+) ms \| (\d+) ms \| ([0-9,]+) \|$", text, re.M
+    )
     assert [r[0] for r in md_rows] == ["simple", "vardeq", "multiscale"]
     # the tutorial's parameter counts (they do not depend on the image size)
     assert [int(r[5].replace(",", "")) for r in md_rows] == [335_128, 379_556, 1_062_090]
     results = load_json(out / "results.json")
     for row in results["rows"]:
         assert finite(row["val_bpd"], row["test_bpd"], row["inference_s"], row["sampling_s"])
-        assert 0.5 < row["val_bpd"] < 8.0 and 0.5 < row["test_bpd"] < 8.0 and row["inference_s"] > 0 and row["sampling_s"] > 0
+        assert (
+            0.5 < row["val_bpd"] < 8.0
+            and 0.5 < row["test_bpd"] < 8.0
+            and row["inference_s"] > 0
+            and row["sampling_s"] > 0
+        )
     assert (out / "table.md").read_text().count("\n| ") == 4  # separator + three rows
     assert png_shape(out / "dequantization_noise.png") == (480, 800, 4)
     assert png_shape(out / "shared_final_latent.png") == (24 + 6 * (3 * 9 + 1), 60 + 6 * (8 * 9 + 1), 4)

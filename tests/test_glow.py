@@ -99,7 +99,7 @@ def test_structure_uses_nflows_parts():
         squeeze, steps = level._transforms
         assert isinstance(squeeze, SqueezeTransform)
         assert len(steps._transforms) == 2
-        for i, step in enumerate(steps._transforms):
+        for step in steps._transforms:
             actnorm, conv, coupling = step._transforms
             assert isinstance(actnorm, ActNorm) and isinstance(conv, OneByOneConvolution)
             assert type(coupling).__name__ == "AffineCouplingTransform"
@@ -219,7 +219,11 @@ def test_gradients_reach_every_parameter():
     model.initialize(_images(8))
     perturb_parameters(model, scale=0.05)
     (-model.log_prob(_images(4)).mean()).backward()
-    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0]
+    missing = [
+        n
+        for n, p in model.named_parameters()
+        if p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0
+    ]
     assert not missing
 
 
@@ -304,7 +308,7 @@ def test_memory_saving_glow_matches_the_plain_one():
         loss.backward()
         losses.append(loss)
     torch.testing.assert_close(losses[1], losses[0])
-    for (n, p), q in zip(plain.named_parameters(), saving.parameters()):
+    for (n, p), q in zip(plain.named_parameters(), saving.parameters(), strict=False):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5, msg=n)
 
 

@@ -86,7 +86,7 @@ def assert_same_run(ref, got, rtol=RTOL):
     assert_close(ref[0], got[0], rtol)
     assert_close(ref[1], got[1], rtol)
     assert len(ref[2]) == len(got[2])
-    for i, (g_ref, g_got) in enumerate(zip(ref[2], got[2])):
+    for i, (g_ref, g_got) in enumerate(zip(ref[2], got[2], strict=False)):
         assert g_ref is not None and g_got is not None, f"gradient {i} missing"
         assert g_ref.abs().max() > 0, f"gradient {i} is zero: the test would not see an error"
         assert_close(g_ref, g_got, rtol)
@@ -146,7 +146,7 @@ def test_actnorm_initialised_like_plain_on_first_training_call():
     ref = run(plain, x)
     got = run(saving, x)
     assert_same_run(ref, got)
-    for a, b in zip(plain.modules(), saving.modules()):
+    for a, b in zip(plain.modules(), saving.modules(), strict=False):
         if isinstance(a, ActNorm):
             assert bool(b.initialized)
             assert_close(a.log_scale, b.log_scale, 1e-12)
@@ -165,7 +165,7 @@ def test_frozen_parameters_and_data_without_grad():
         z, ladj = flow(x)
         (0.5 * z.square().sum() - ladj.sum()).backward()
         outs.append([p.grad for p in flow.parameters()])
-    for g_ref, g_got, p in zip(outs[0], outs[1], saving.parameters()):
+    for g_ref, g_got, p in zip(outs[0], outs[1], saving.parameters(), strict=False):
         if p.requires_grad:
             assert_close(g_ref, g_got)
         else:
@@ -190,7 +190,7 @@ def test_state_dict_is_interchangeable_with_composite_transform():
     fresh = MemorySavingComposite(glow_steps(2, 4)).double()
     fresh.load_state_dict(plain.state_dict())
     assert set(fresh.state_dict()) == set(plain.state_dict())
-    for a, b in zip(fresh.state_dict().values(), plain.state_dict().values()):
+    for a, b in zip(fresh.state_dict().values(), plain.state_dict().values(), strict=False):
         assert torch.equal(a, b)
 
 
@@ -225,7 +225,10 @@ class _DropoutNet(nn.Module):
     "bad, match",
     [
         (lambda: [ActNorm(1), Dequantization(256)], r"transforms\[1\].*Dequantization is stochastic"),
-        (lambda: [AffineCouplingTransform([1, -1], _DropoutNet)], r"transforms\[0\].*inside AffineCouplingTransform.*Dropout"),
+        (
+            lambda: [AffineCouplingTransform([1, -1], _DropoutNet)],
+            r"transforms\[0\].*inside AffineCouplingTransform.*Dropout",
+        ),
         (lambda: [CompositeTransform([ActNorm(2), _ForwardOnly()])], r"transforms\[0\].*_ForwardOnly has no inverse"),
         (lambda: [nn.BatchNorm2d(2)], None),
         (lambda: [], r"at least one"),

@@ -8,13 +8,33 @@ import numpy as np
 import pytest
 import torch
 
-from flowkit.toy2d import REFINE, build_flow, evaluate, extend_flow, fit, get_target, grid_log_z, is_invertible, list_targets
+from flowkit.toy2d import (
+    REFINE,
+    build_flow,
+    evaluate,
+    extend_flow,
+    fit,
+    get_target,
+    grid_log_z,
+    is_invertible,
+    list_targets,
+)
 from flowkit.toy2d.targets import GaussianTarget, Target2D
 
 
 def test_registry_names_and_errors():
     names = list_targets()
-    for n in ("two-modes", "two-moons", "circular-gmm", "ring-mixture", "sinusoidal", "smiley", "eight-gaussians", "banana", "checkerboard"):
+    for n in (
+        "two-modes",
+        "two-moons",
+        "circular-gmm",
+        "ring-mixture",
+        "sinusoidal",
+        "smiley",
+        "eight-gaussians",
+        "banana",
+        "checkerboard",
+    ):
         assert n in names
     with pytest.raises(ValueError, match="unknown target 'nope'"):
         get_target("nope")
@@ -53,7 +73,9 @@ def test_rejection_sampler_matches_moments():
     t = _RejectionGaussian(mean=(0.5, -1.0), cov=((1.0, 0.6), (0.6, 0.8)))
     x = t.sample(20000).double()
     torch.testing.assert_close(x.mean(0), torch.tensor([0.5, -1.0], dtype=torch.float64), atol=0.04, rtol=0)
-    torch.testing.assert_close(torch.cov(x.T), torch.tensor([[1.0, 0.6], [0.6, 0.8]], dtype=torch.float64), atol=0.05, rtol=0)
+    torch.testing.assert_close(
+        torch.cov(x.T), torch.tensor([[1.0, 0.6], [0.6, 0.8]], dtype=torch.float64), atol=0.05, rtol=0
+    )
 
 
 def _gaussian_model(mu, log_sigma):
@@ -117,8 +139,19 @@ def test_fit_improves_kl_and_returns_history():
     model = build_flow("planar", 4)
     before = evaluate(model, "two-modes", 5000, forward=False).reverse_kl
     calls = []
-    result = fit(model, "two-modes", iters=200, batch_size=128, lr=1e-2, anneal_iters=50, progress=False, sync_every=50,
-                 snapshot_every=100, snapshot_samples=500, callback=lambda s, m, l: calls.append((s, len(l))))
+    result = fit(
+        model,
+        "two-modes",
+        iters=200,
+        batch_size=128,
+        lr=1e-2,
+        anneal_iters=50,
+        progress=False,
+        sync_every=50,
+        snapshot_every=100,
+        snapshot_samples=500,
+        callback=lambda s, m, losses: calls.append((s, len(losses))),
+    )
     after = evaluate(result.model, "two-modes", 5000, forward=False).reverse_kl
     assert result.loss.shape == (200,) and np.isfinite(result.loss).all()
     assert calls == [(s, s) for s in range(50, 201, 50)]
@@ -148,8 +181,17 @@ def test_fit_reports_non_finite_loss_and_bad_args():
 
 def test_fit_total_then_path_gradient_with_late_batch():
     calls = []
-    r = fit(build_flow("affine", 2, hidden=8), "two-modes", iters=20, batch_size=16, path_from=10, late_batch_size=64,
-            progress=False, sync_every=10, callback=lambda s, m, l: calls.append(s))
+    r = fit(
+        build_flow("affine", 2, hidden=8),
+        "two-modes",
+        iters=20,
+        batch_size=16,
+        path_from=10,
+        late_batch_size=64,
+        progress=False,
+        sync_every=10,
+        callback=lambda s, m, losses: calls.append(s),
+    )
     assert calls == [10, 20] and np.isfinite(r.loss).all()
     r = fit(build_flow("planar", 2), "two-modes", iters=10, batch_size=16, gradient="total", progress=False)
     assert np.isfinite(r.loss).all()
@@ -176,15 +218,16 @@ def test_stacked_restarts_match_separate_models(kind):
     assert stacked.draw(5).shape == (2, 5, 2)
     target = get_target("two-modes")
     (log_q - target.log_prob(x.reshape(-1, 2)).reshape(2, 64)).mean(-1).sum().backward()
-    for i, (m, ref) in enumerate(zip(models, refs)):
+    for i, (m, ref) in enumerate(zip(models, refs, strict=False)):
         xi, lqi = _push(ref, z0[i])
         torch.testing.assert_close(x[i], xi)
         torch.testing.assert_close(log_q[i], lqi)
         (lqi - target.log_prob(xi)).mean().backward()
-        for (name, p), q in zip(m.named_parameters(), ref.parameters()):
+        for (name, p), q in zip(m.named_parameters(), ref.parameters(), strict=False):
             g = stacked.params[f"m.{name}"].grad[i] if stacked.vectorized else p.grad
             torch.testing.assert_close(g, q.grad)
         assert sum(q.grad.abs().sum() for q in ref.parameters()) > 0
+
     # the sticking-the-landing surrogate, on the same draws, restarts together = each alone
     def reparam(q0_loc, q0_log_scale, e):  # DiagGaussian's draw, with fixed noise e
         return q0_loc + q0_log_scale.exp() * e
@@ -199,8 +242,10 @@ def test_stacked_restarts_match_separate_models(kind):
         single = _Single(ref)
         single.draw = lambda n, i=i, ref=ref: reparam(ref.q0.loc, ref.q0.log_scale, z0[i])
         g_single = torch.autograd.grad(_loss(single, target, 64, 0.7, path=True)[0], list(ref.parameters()))
-        mine = [g[i] for g in g_stacked] if stacked.vectorized else g_stacked[i * len(g_single):(i + 1) * len(g_single)]
-        for a, b in zip(mine, g_single):
+        mine = (
+            [g[i] for g in g_stacked] if stacked.vectorized else g_stacked[i * len(g_single) : (i + 1) * len(g_single)]
+        )
+        for a, b in zip(mine, g_single, strict=False):
             torch.testing.assert_close(a, b)
     if stacked.vectorized:  # export copies restart i's current parameters into its own module
         with torch.no_grad():
@@ -216,9 +261,26 @@ def test_fit_with_restarts_keeps_the_best_and_improves():
     before = evaluate(build_flow("planar", 4), "two-modes", 5000, forward=False).reverse_kl  # ~27
     log_z = get_target("two-modes").log_z
     for select_at in (60, 200):  # after the annealing (then one restart goes on), or at the end
-        result = fit(lambda: build_flow("planar", 4), "two-modes", iters=200, batch_size=128, lr=1e-2, anneal_iters=60,
-                     restarts=4, select_at=select_at, keep=1, keep_best=False, progress=False, sync_every=50, seed=0)
-        assert isinstance(result.model, nf.NormalizingFlow) and result.loss.shape == (200,) and np.isfinite(result.loss).all()
+        result = fit(
+            lambda: build_flow("planar", 4),
+            "two-modes",
+            iters=200,
+            batch_size=128,
+            lr=1e-2,
+            anneal_iters=60,
+            restarts=4,
+            select_at=select_at,
+            keep=1,
+            keep_best=False,
+            progress=False,
+            sync_every=50,
+            seed=0,
+        )
+        assert (
+            isinstance(result.model, nf.NormalizingFlow)
+            and result.loss.shape == (200,)
+            and np.isfinite(result.loss).all()
+        )
         scores = result.restart_scores
         assert scores.shape == (4,) and result.restart == int(np.argmin(scores))
         assert len(set(np.round(scores, 4))) == 4  # the restarts start from different initialisations
@@ -226,8 +288,20 @@ def test_fit_with_restarts_keeps_the_best_and_improves():
         assert kl < before / 5, (before, kl)
     assert abs(scores[result.restart] + log_z - kl) < 0.1  # chosen at the end: the score is KL - log Z
     # two restarts go on together after the selection; keep_best returns the best (restart, step) seen
-    result = fit(lambda: build_flow("planar", 4), "two-modes", iters=200, batch_size=128, lr=1e-2, anneal_iters=60,
-                 restarts=4, keep=2, keep_best=True, progress=False, sync_every=50, seed=0)
+    result = fit(
+        lambda: build_flow("planar", 4),
+        "two-modes",
+        iters=200,
+        batch_size=128,
+        lr=1e-2,
+        anneal_iters=60,
+        restarts=4,
+        keep=2,
+        keep_best=True,
+        progress=False,
+        sync_every=50,
+        seed=0,
+    )
     kept = np.argsort(result.restart_scores)[:2]
     assert result.restart in kept and result.best_step in (100, 150, 200)
     assert np.isfinite(result.loss).all()
@@ -275,11 +349,20 @@ def test_fit_refine_extends_the_fitted_model_and_improves():
         steps.append(step)
         seen.append((len(loss), len(model.flows)))
 
-    common = dict(iters=150, batch_size=256, lr=1e-2, anneal_iters=60, restarts=2, keep=1, progress=False, seed=0, sync_every=50)
+    common = dict(
+        iters=150, batch_size=256, lr=1e-2, anneal_iters=60, restarts=2, keep=1, progress=False, seed=0, sync_every=50
+    )
     first = fit(lambda: build_flow("planar", 4), "two-modes", **common)
     kl_first = evaluate(first.model, "two-modes", 20000, forward=False).reverse_kl
-    r = fit(lambda: build_flow("planar", 4), "two-modes", refine=dict(iters=150, flow_kwargs=dict(hidden=16), chi2_from=None, late_from=None),
-            snapshot_every=50, snapshot_samples=100, callback=record, **common)
+    r = fit(
+        lambda: build_flow("planar", 4),
+        "two-modes",
+        refine=dict(iters=150, flow_kwargs=dict(hidden=16), chi2_from=None, late_from=None),
+        snapshot_every=50,
+        snapshot_samples=100,
+        callback=record,
+        **common,
+    )
     assert r.loss.shape == (300,) and np.isfinite(r.loss).all() and r.refined_from == 150
     np.testing.assert_allclose(r.loss[:150], first.loss)  # the same first stage (same seed)
     assert r.restart == first.restart and 150 < r.best_step <= 300
@@ -321,8 +404,18 @@ def test_chi2_polish_covers_mass_where_reverse_kl_seeks_a_mode():
     """One Gaussian fitted to TwoModes: reverse KL sits on one mode; chi^2 (1/ESS) spans both."""
     found = {}
     for chi2_from in (None, 0):
-        r = fit(_gaussian_model([0.3, 0.1], [0.0, 0.0]), "two-modes", iters=400, batch_size=1024, lr=2e-2, anneal_iters=0,
-                chi2_from=chi2_from, gradient="total", progress=False, seed=0)
+        r = fit(
+            _gaussian_model([0.3, 0.1], [0.0, 0.0]),
+            "two-modes",
+            iters=400,
+            batch_size=1024,
+            lr=2e-2,
+            anneal_iters=0,
+            chi2_from=chi2_from,
+            gradient="total",
+            progress=False,
+            seed=0,
+        )
         found[chi2_from] = (r.model.flows[0].t[0, 0].item(), r.model.flows[0].s[0, 0].exp().item())
     (mu_kl, sx_kl), (mu_chi, sx_chi) = found[None], found[0]
     assert abs(mu_kl) > 1.5 and sx_kl < 0.5, found  # modes at x = +-2
@@ -343,7 +436,10 @@ def test_selection_scores_are_kl_and_ess():
     off.draw = lambda n: z
     x, log_q = off.push(z)
     w = torch.exp(target.log_prob(x) - log_q)
-    assert abs(float(_scores(off, target, 4096, ess=True)) + math.log((w.sum() ** 2 / (4096 * (w ** 2).sum())).item())) < 1e-5
+    assert (
+        abs(float(_scores(off, target, 4096, ess=True)) + math.log((w.sum() ** 2 / (4096 * (w**2).sum())).item()))
+        < 1e-5
+    )
     assert abs(float(_scores(off, target, 4096)) - (log_q - target.log_prob(x)).mean().item()) < 1e-5
 
 
@@ -378,7 +474,9 @@ def test_pictures(tmp_path):
         plot_target("two-modes", tmp_path / "t.png", size=40),
         plot_model(planar, "two-modes", tmp_path / "m.png", size=40),
         plot_loss(np.linspace(3, 0, 200), tmp_path / "l.png", log_z=0.8),
-        plot_snapshots([(10, np.random.randn(300, 2)), (20, np.random.randn(300, 2))], "two-modes", tmp_path / "s.png", size=20),
+        plot_snapshots(
+            [(10, np.random.randn(300, 2)), (20, np.random.randn(300, 2))], "two-modes", tmp_path / "s.png", size=20
+        ),
     ]
     for p in paths:
         assert p.exists() and p.stat().st_size > 1000 and p.read_bytes()[:4] == b"\x89PNG"
@@ -387,16 +485,48 @@ def test_pictures(tmp_path):
 def test_cli_fit2d(tmp_path, capsys):
     from flowkit.cli import main
 
-    rc = main(["fit2d", "--target", "two-modes", "--layers", "2", "--iters", "20", "--batch-size", "32",
-               "--eval-samples", "2000", "--no-progress", "--out", str(tmp_path)])
+    rc = main(
+        [
+            "fit2d",
+            "--target",
+            "two-modes",
+            "--layers",
+            "2",
+            "--iters",
+            "20",
+            "--batch-size",
+            "32",
+            "--eval-samples",
+            "2000",
+            "--no-progress",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "KL(q||p)" in out and "two-modes" in out and "best of 8 restarts" in out
     for name in ("target.png", "model.png", "loss.png", "metrics.json"):
         assert (tmp_path / name).exists()
-    rc = main(["fit2d", "--preset", "seed", "--layers", "2", "--iters", "20", "--eval-samples", "2000", "--no-progress"])
+    rc = main(
+        ["fit2d", "--preset", "seed", "--layers", "2", "--iters", "20", "--eval-samples", "2000", "--no-progress"]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "restarts" not in out and "20 steps of 40 samples" in out
-    rc = main(["fit2d", "--preset", "strong", "--no-refine", "--layers", "2", "--iters", "20", "--eval-samples", "2000", "--no-progress"])
+    rc = main(
+        [
+            "fit2d",
+            "--preset",
+            "strong",
+            "--no-refine",
+            "--layers",
+            "2",
+            "--iters",
+            "20",
+            "--eval-samples",
+            "2000",
+            "--no-progress",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "best of 8 restarts" in out and "refined" not in out
 
@@ -418,7 +548,7 @@ def test_path_gradient_is_total_gradient_minus_score():
     g_total = torch.autograd.grad(loss, params)
     g_score = torch.autograd.grad(model.log_prob(x.detach()).mean(), params)
     torch.testing.assert_close(loss_path, loss.detach())
-    for gp, gt, gs in zip(g_path, g_total, g_score):
+    for gp, gt, gs in zip(g_path, g_total, g_score, strict=False):
         torch.testing.assert_close(gp, gt - gs, rtol=1e-7, atol=1e-9)
     assert max(g.abs().max() for g in g_score) > 1e-3  # the dropped term is not trivially zero
 

@@ -26,9 +26,21 @@ TINY = {"levels": 1, "steps_per_level": 1, "hidden_channels": 4, "num_layers": 0
 
 def tiny_config(out, **overrides) -> TrainConfig:
     options = dict(
-        data="digits", model="glow", model_kwargs=dict(TINY), epochs=1, batch_size=16, lr=2e-3, seed=3,
-        device="cpu", out=str(out), importance_samples=2, max_train_batches=3, max_eval_batches=2,
-        num_samples=4, init_batch_size=32, progress=False,
+        data="digits",
+        model="glow",
+        model_kwargs=dict(TINY),
+        epochs=1,
+        batch_size=16,
+        lr=2e-3,
+        seed=3,
+        device="cpu",
+        out=str(out),
+        importance_samples=2,
+        max_train_batches=3,
+        max_eval_batches=2,
+        num_samples=4,
+        init_batch_size=32,
+        progress=False,
     )
     options.update(overrides)
     return TrainConfig(**options)
@@ -200,8 +212,16 @@ def test_independent_pixel_bpd_is_the_smoothed_histogram_entropy():
 
 @pytest.mark.parametrize(
     "field, value",
-    [("epochs", 0), ("batch_size", -1), ("lr", 0.0), ("lr_decay", 1.5), ("grad_clip", -1.0), ("device", "tpu"),
-     ("importance_samples", -1), ("max_train_batches", 0)],
+    [
+        ("epochs", 0),
+        ("batch_size", -1),
+        ("lr", 0.0),
+        ("lr_decay", 1.5),
+        ("grad_clip", -1.0),
+        ("device", "tpu"),
+        ("importance_samples", -1),
+        ("max_train_batches", 0),
+    ],
 )
 def test_config_rejects_bad_options(tmp_path, field, value):
     with pytest.raises(ValueError, match=field):

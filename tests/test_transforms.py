@@ -139,7 +139,12 @@ def test_checker_catches_wrong_inverse():
 def test_registry_covers_every_layer():
     import flowkit.layers as L
 
-    transforms = {name for name in L.__all__ if isinstance(getattr(L, name), type) and issubclass(getattr(L, name), __import__("nflows").transforms.Transform)}
+    transforms = {
+        name
+        for name in L.__all__
+        if isinstance(getattr(L, name), type)
+        and issubclass(getattr(L, name), __import__("nflows").transforms.Transform)
+    }
     covered = {type(LAYER_CASES[n]().transform).__name__ for n in NAMES}
     missing = transforms - covered
     assert not missing, f"layers without a registry case: {missing}"

@@ -36,8 +36,9 @@ def _run(args) -> int:
     if images.shape[0] < 2:
         raise SystemExit(f"--num-images: need at least 2 images, the {args.split} split gave {images.shape[0]}")
     torch.manual_seed(args.seed)
-    files = analyze(model, images, args.out, temperatures=args.temperatures, seed=args.seed,
-                    name=payload["model"]["name"])
+    files = analyze(
+        model, images, args.out, temperatures=args.temperatures, seed=args.seed, name=payload["model"]["name"]
+    )
     index = {name: str(path) for name, path in files.items()}
     write_json(Path(args.out) / "analysis.json", {"checkpoint": str(args.checkpoint), "files": index})
     for name, path in index.items():
@@ -47,16 +48,23 @@ def _run(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("analyze", help="the tutorial's analyses of a checkpoint as PNGs "
-                       "(dequantization, interpolation, temperature, multiscale latents)")
+    p = sub.add_parser(
+        "analyze",
+        help="the tutorial's analyses of a checkpoint as PNGs "
+        "(dequantization, interpolation, temperature, multiscale latents)",
+    )
     p.add_argument("--checkpoint", required=True, help="best.pt / last.pt written by `flowkit train`")
     p.add_argument("--out", required=True, help="folder for the PNGs")
     p.add_argument("--data", default=None, help="data set for the real images (default: the checkpoint's)")
     p.add_argument("--data-root", default=None, help="where torchvision data lives (default: the checkpoint's)")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.add_argument("--num-images", type=int, default=32, help="real images for noise histograms and interpolation")
-    p.add_argument("--temperatures", type=_temperatures, default=[0.3, 0.5, 0.7, 0.9, 1.0],
-                   help="comma-separated temperatures of the sweep")
+    p.add_argument(
+        "--temperatures",
+        type=_temperatures,
+        default=[0.3, 0.5, 0.7, 0.9, 1.0],
+        help="comma-separated temperatures of the sweep",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="auto, cpu or cuda")
     p.set_defaults(func=_run)

@@ -14,7 +14,13 @@ import time
 __all__ = ["register", "DEMO_MODEL_KWARGS", "DEMO_EPOCHS", "DEMO_LR"]
 
 # tuned by measurement on the 2-core CPU this project is developed on (see the README)
-DEMO_MODEL_KWARGS = {"levels": 2, "steps_per_level": 4, "hidden_channels": 32, "num_layers": 1, "dequantization": "uniform"}
+DEMO_MODEL_KWARGS = {
+    "levels": 2,
+    "steps_per_level": 4,
+    "hidden_channels": 32,
+    "num_layers": 1,
+    "dequantization": "uniform",
+}
 DEMO_EPOCHS = 40
 DEMO_LR = 2e-3
 
@@ -37,14 +43,27 @@ def _run(args) -> int:
         torch.set_num_threads(args.threads)
 
     config = TrainConfig(
-        data="digits", model="glow", model_kwargs=dict(DEMO_MODEL_KWARGS), epochs=args.epochs, lr=args.lr,
-        batch_size=64, seed=args.seed, device=args.device, out=args.out, importance_samples=args.importance_samples,
-        max_train_batches=args.max_train_batches, sample_temperature=args.temperature, progress=not args.no_progress,
+        data="digits",
+        model="glow",
+        model_kwargs=dict(DEMO_MODEL_KWARGS),
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=64,
+        seed=args.seed,
+        device=args.device,
+        out=args.out,
+        importance_samples=args.importance_samples,
+        max_train_batches=args.max_train_batches,
+        sample_temperature=args.temperature,
+        progress=not args.no_progress,
     )
     kw = config.model_kwargs
-    print(f"flowkit demo: Glow ({kw['levels']} levels x {kw['steps_per_level']} steps, GatedConvNet "
-          f"{kw['hidden_channels']} hidden, {kw['dequantization']} dequantization) on sklearn's 8x8 digits "
-          f"(17 levels), {config.epochs} epochs on {config.device}\n", flush=True)
+    print(
+        f"flowkit demo: Glow ({kw['levels']} levels x {kw['steps_per_level']} steps, GatedConvNet "
+        f"{kw['hidden_channels']} hidden, {kw['dequantization']} dequantization) on sklearn's 8x8 digits "
+        f"(17 levels), {config.epochs} epochs on {config.device}\n",
+        flush=True,
+    )
     t0 = time.perf_counter()
     try:
         result = train(config)
@@ -59,23 +78,36 @@ def _run(args) -> int:
     test = result["test_bpd"]
     rows = [
         ("independent-pixel baseline", "histogram/pixel", f"{64 * (info.num_levels - 1):,}", "-", f"{baseline:.3f}"),
-        (f"glow (L={kw['levels']}, K={kw['steps_per_level']})", f"{result['epochs']} epochs",
-         f"{result['num_parameters']:,}", f"{result['train_time_s']:.0f}s train / {wall:.0f}s all",
-         "-" if test is None else f"{test:.3f}"),
+        (
+            f"glow (L={kw['levels']}, K={kw['steps_per_level']})",
+            f"{result['epochs']} epochs",
+            f"{result['num_parameters']:,}",
+            f"{result['train_time_s']:.0f}s train / {wall:.0f}s all",
+            "-" if test is None else f"{test:.3f}",
+        ),
     ]
     head = ("model", "fit", "parameters", "time", f"test bpd (IS {config.importance_samples})")
     widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
-    line = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+
+    def line(r):
+        return "  ".join(
+            str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=False))
+        )
+
     print("\n" + line(head) + "\n" + "  ".join("-" * w for w in widths))
     for r in rows:
         print(line(r))
     if test is not None:
         verdict = "below" if test < baseline else "NOT below"
-        print(f"\ntest bpd {test:.3f} is {verdict} the independent-pixel baseline {baseline:.3f} "
-              f"({baseline - test:+.3f} bits/dim; best val bpd {result['best_val_bpd']:.3f} at epoch {result['best_epoch']})")
+        print(
+            f"\ntest bpd {test:.3f} is {verdict} the independent-pixel baseline {baseline:.3f} "
+            f"({baseline - test:+.3f} bits/dim; best val bpd {result['best_val_bpd']:.3f} at epoch {result['best_epoch']})"
+        )
     files = result["files"]
     print(f"\nfiles in {result['out']}/:")
-    print(f"  samples.png   {config.num_samples} samples at temperature {config.sample_temperature}: {files['samples']}")
+    print(
+        f"  samples.png   {config.num_samples} samples at temperature {config.sample_temperature}: {files['samples']}"
+    )
     print(f"  curves.png    train/val bits/dim per epoch: {files['curves']}")
     print("  metrics.csv / metrics.json, best.pt / last.pt")
     print(f"more: flowkit sample --checkpoint {files['best']} --n 64 --temperature 0.7 --out grid.png")
@@ -83,8 +115,11 @@ def _run(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("demo", help="train a small Glow on the embedded digits (make demo)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(
+        "demo",
+        help="train a small Glow on the embedded digits (make demo)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--epochs", type=int, default=DEMO_EPOCHS)
     p.add_argument("--lr", type=float, default=DEMO_LR)
     p.add_argument("--out", default="runs/demo")

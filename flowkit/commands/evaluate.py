@@ -21,12 +21,24 @@ def _run(args) -> int:
         return 2
     data = splits[args.split]
     loader = DataLoader(data, batch_size=args.batch_size, shuffle=False)
-    bpd = evaluate(model, loader, importance_samples=args.importance_samples, max_batches=args.max_batches,
-                   progress=not args.no_progress, desc=args.split)
+    bpd = evaluate(
+        model,
+        loader,
+        importance_samples=args.importance_samples,
+        max_batches=args.max_batches,
+        progress=not args.no_progress,
+        desc=args.split,
+    )
     n = len(data) if args.max_batches is None else min(len(data), args.max_batches * args.batch_size)
-    how = "one-sample bound" if args.importance_samples == 1 else f"importance sampling, {args.importance_samples} samples"
-    print(f"{args.split} bpd: {bpd:.4f} ({how}; {n} images of {config['data']}; {payload['model']['name']} "
-          f"from epoch {payload['epoch']})")
+    how = (
+        "one-sample bound"
+        if args.importance_samples == 1
+        else f"importance sampling, {args.importance_samples} samples"
+    )
+    print(
+        f"{args.split} bpd: {bpd:.4f} ({how}; {n} images of {config['data']}; {payload['model']['name']} "
+        f"from epoch {payload['epoch']})"
+    )
     return 0
 
 

@@ -41,21 +41,37 @@ def _run(args) -> int:
     flow_kwargs = cfg.pop("flow_kwargs", {}) if args.flow is None else {}
     flow, layers = cfg.pop("flow"), cfg.pop("layers")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    result = fit(lambda: build_flow(flow, layers, **flow_kwargs), target, device=device, seed=args.seed,
-                 progress=not args.no_progress, snapshot_every=args.snapshot_every, **cfg)
+    result = fit(
+        lambda: build_flow(flow, layers, **flow_kwargs),
+        target,
+        device=device,
+        seed=args.seed,
+        progress=not args.no_progress,
+        snapshot_every=args.snapshot_every,
+        **cfg,
+    )
     metrics = evaluate(result.model, target, args.eval_samples)
     restarts = cfg.get("restarts", 1)
     chosen = f", best of {restarts} restarts (#{result.restart})" if restarts > 1 else ""
     spec = refine_spec(cfg.get("refine"))
     refined = f", then {spec['flow']} x{spec['layers']} refined for {spec['iters']} steps" if spec else ""
-    print(f"fit2d: {args.target}, {flow} x{layers}{chosen}, "
-          f"{cfg['iters']} steps of {cfg['batch_size']} samples{refined} in {result.seconds:.1f}s on {device}")
+    print(
+        f"fit2d: {args.target}, {flow} x{layers}{chosen}, "
+        f"{cfg['iters']} steps of {cfg['batch_size']} samples{refined} in {result.seconds:.1f}s on {device}"
+    )
     print(format_metrics({args.target: metrics}))
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         paths = save_fit_pictures(result, target, out)
-        _write_json(out / "metrics.json", {"config": {**cfg, "target": args.target, "seed": args.seed}, "seconds": result.seconds, **metrics.as_dict()})
+        _write_json(
+            out / "metrics.json",
+            {
+                "config": {**cfg, "target": args.target, "seed": args.seed},
+                "seconds": result.seconds,
+                **metrics.as_dict(),
+            },
+        )
         print("wrote " + ", ".join(str(p) for p in paths + [out / "metrics.json"]))
     return 0
 
@@ -65,7 +81,9 @@ def register(sub) -> None:
 
     p = sub.add_parser("fit2d", help="fit a 2D target density by reverse KL and report exact metrics")
     p.add_argument("--target", default="two-modes", choices=list_targets())
-    p.add_argument("--preset", default="fast", choices=sorted(PRESETS), help="defaults for the options below (default: fast)")
+    p.add_argument(
+        "--preset", default="fast", choices=sorted(PRESETS), help="defaults for the options below (default: fast)"
+    )
     p.add_argument("--flow", default=None, choices=list(FLOW_KINDS))
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
@@ -73,13 +91,25 @@ def register(sub) -> None:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--anneal-iters", type=int, default=None)
     p.add_argument("--weight-decay", type=float, default=None)
-    p.add_argument("--gradient", default=None, choices=("path", "total"),
-                   help="path: sticking-the-landing path derivative (presets fast/strong); total: the plain one (seed)")
-    p.add_argument("--restarts", type=int, default=None,
-                   help="random restarts trained together until the annealing ends; the one with the lowest KL goes on")
-    p.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
-                   help="append 2 identity-initialised spline couplings and refine (with a chi^2 polish) after the fit "
-                        "(default: as the preset; strong does)")
+    p.add_argument(
+        "--gradient",
+        default=None,
+        choices=("path", "total"),
+        help="path: sticking-the-landing path derivative (presets fast/strong); total: the plain one (seed)",
+    )
+    p.add_argument(
+        "--restarts",
+        type=int,
+        default=None,
+        help="random restarts trained together until the annealing ends; the one with the lowest KL goes on",
+    )
+    p.add_argument(
+        "--refine",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="append 2 identity-initialised spline couplings and refine (with a chi^2 polish) after the fit "
+        "(default: as the preset; strong does)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--eval-samples", type=int, default=100_000)

@@ -25,8 +25,12 @@ def _run(args) -> int:
         return 2
     gen = torch.Generator(device=device).manual_seed(args.seed)
     images = model.sample(args.n, temperature=args.temperature, generator=gen)
-    path = save_image_grid(images, args.out, model.num_levels,
-                           title=f"{payload['model']['name']}, epoch {payload['epoch']}, T={args.temperature}")
+    path = save_image_grid(
+        images,
+        args.out,
+        model.num_levels,
+        title=f"{payload['model']['name']}, epoch {payload['epoch']}, T={args.temperature}",
+    )
     print(f"wrote {args.n} samples (temperature {args.temperature}) to {path}")
     return 0
 

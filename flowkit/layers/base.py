@@ -58,13 +58,11 @@ def check_image_batch(x, name: str, num_levels: int) -> None:
         )
     if x.dim() != 4:
         raise ValueError(
-            f"{name}: expected integer images of shape [batch, channels, height, width], "
-            f"got shape {tuple(x.shape)}"
+            f"{name}: expected integer images of shape [batch, channels, height, width], got shape {tuple(x.shape)}"
         )
     if x.numel() > 0:
         lo, hi = int(x.min()), int(x.max())
         if lo < 0 or hi >= num_levels:
             raise ValueError(
-                f"{name}: values must lie in [0, {num_levels}) for num_levels={num_levels}, "
-                f"got min {lo} and max {hi}"
+                f"{name}: values must lie in [0, {num_levels}) for num_levels={num_levels}, got min {lo} and max {hi}"
             )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -119,13 +119,15 @@ class GatedConvNet(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"x: expected shape [batch, {self.in_channels}, height, width], got {tuple(x.shape)}"
-            )
+            raise ValueError(f"x: expected shape [batch, {self.in_channels}, height, width], got {tuple(x.shape)}")
         if self.context_channels:
             if context is None:
                 raise ValueError(f"context: this net expects {self.context_channels} context channels, got None")
-            if context.shape[0] != x.shape[0] or context.shape[1] != self.context_channels or context.shape[2:] != x.shape[2:]:
+            if (
+                context.shape[0] != x.shape[0]
+                or context.shape[1] != self.context_channels
+                or context.shape[2:] != x.shape[2:]
+            ):
                 raise ValueError(
                     f"context: expected shape [{x.shape[0]}, {self.context_channels}, {x.shape[2]}, {x.shape[3]}], "
                     f"got {tuple(context.shape)}"

@@ -77,7 +77,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from nflows.transforms import ActNorm, CompositeTransform, Transform
@@ -168,9 +168,7 @@ class _InvertibleSequence(torch.autograd.Function):
                 y_again, ladj = apply(x, context)
             pairs = [(o, g) for o, g in ((y_again, grad_y), (ladj, grad_logabsdet)) if o.requires_grad]
             if pairs and wrt:
-                grads = torch.autograd.grad(
-                    [o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True
-                )
+                grads = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
             else:
                 grads = (None,) * len(wrt)
             grads = list(grads)
@@ -181,7 +179,7 @@ class _InvertibleSequence(torch.autograd.Function):
                 g = grads.pop()
                 if g is not None:
                     context_grad = g if context_grad is None else context_grad + g
-            for p, g in zip(step_params, grads):
+            for p, g in zip(step_params, grads, strict=False):
                 if g is not None:
                     i = index[id(p)]
                     param_grads[i] = g if param_grads[i] is None else param_grads[i] + g

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from flowkit.models.glow import glow
 from flowkit.models.image_flow import ImageFlow, standard_normal_log_prob
 from flowkit.models.tutorial import TUTORIAL_KINDS, tutorial_flow
 
-__all__ = ["ImageFlow", "MODEL_NAMES", "TUTORIAL_KINDS", "build_model", "glow", "standard_normal_log_prob", "tutorial_flow"]
+__all__ = [
+    "ImageFlow",
+    "MODEL_NAMES",
+    "TUTORIAL_KINDS",
+    "build_model",
+    "glow",
+    "standard_normal_log_prob",
+    "tutorial_flow",
+]
 
 MODEL_NAMES = ("glow",) + TUTORIAL_KINDS
 

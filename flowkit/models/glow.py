@@ -14,7 +14,8 @@ message naming level 3, its ``4x7x7`` input, and the fixes (``levels<=2`` or
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from nflows.transforms import (
@@ -116,7 +117,9 @@ def glow_coupling(
         raise ValueError(f"coupling: expected one of {COUPLINGS}, got {coupling!r}")
     if not isinstance(num_channels, int) or num_channels < 2:
         raise ValueError(f"num_channels: a coupling splits channels, so at least 2 are needed; got {num_channels!r}")
-    return _COUPLING_CLASSES[coupling](_alternating_mask(num_channels, index), gated_conv_net(hidden_channels, num_layers))
+    return _COUPLING_CLASSES[coupling](
+        _alternating_mask(num_channels, index), gated_conv_net(hidden_channels, num_layers)
+    )
 
 
 def glow_step(
@@ -181,10 +184,14 @@ def plan_glow_levels(
             step = 2**levels
             pad = (math.ceil(oh / step) * step, math.ceil(ow / step) * step)
             fixes = ([f"levels<={max_levels}"] if max_levels >= 1 else []) + [f"pad_to={pad}"]
-            raise ValueError(f"glow: level {level} cannot squeeze {_fmt((c, h, w))} ({odd} is odd); use " + " or ".join(fixes))
+            raise ValueError(
+                f"glow: level {level} cannot squeeze {_fmt((c, h, w))} ({odd} is odd); use " + " or ".join(fixes)
+            )
         squeezed = (4 * c, h // 2, w // 2)
         if squeezed[0] % 2:  # cannot happen after a squeeze; kept as the invariant the split needs
-            raise ValueError(f"glow: level {level} cannot split {squeezed[0]} channels in half (shape {_fmt(squeezed)})")
+            raise ValueError(
+                f"glow: level {level} cannot split {squeezed[0]} channels in half (shape {_fmt(squeezed)})"
+            )
         out = (squeezed[0] // 2, squeezed[1], squeezed[2]) if level < levels else None
         plans.append(GlowLevelPlan(level, (c, h, w), squeezed, out))
         if out is not None:

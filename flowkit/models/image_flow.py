@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -112,7 +112,9 @@ class ImageFlow(nn.Module):
     def _check_images(self, x: torch.Tensor, name: str = "x") -> torch.Tensor:
         check_image_batch(x, name, self.num_levels)
         if tuple(x.shape[1:]) != self.image_shape:
-            raise ValueError(f"{name}: expected images of shape [batch, {', '.join(map(str, self.image_shape))}], got {tuple(x.shape)}")
+            raise ValueError(
+                f"{name}: expected images of shape [batch, {', '.join(map(str, self.image_shape))}], got {tuple(x.shape)}"
+            )
         return x.to(self.device)
 
     # -- padding ----------------------------------------------------------------------
@@ -181,12 +183,16 @@ class ImageFlow(nn.Module):
         if not isinstance(z, torch.Tensor) or not z.is_floating_point():
             raise TypeError(f"z: expected a floating-point tensor, got {type(z).__name__}")
         if tuple(z.shape[1:]) != self.latent_shape:
-            raise ValueError(f"z: expected shape [batch, {', '.join(map(str, self.latent_shape))}], got {tuple(z.shape)}")
+            raise ValueError(
+                f"z: expected shape [batch, {', '.join(map(str, self.latent_shape))}], got {tuple(z.shape)}"
+            )
         h, _ = self.flow.inverse(z.to(device=self.device, dtype=self.dtype))
         x, _ = self.dequantization.inverse(h)
         return self.crop(x)
 
-    def sample_latents(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample_latents(
+        self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """``z ~ N(0, temperature^2 I)``, shape ``[n, *latent_shape]``."""
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n: expected a positive int, got {n!r}")
@@ -214,7 +220,9 @@ class ImageFlow(nn.Module):
             if isinstance(img, torch.Tensor) and img.dim() == 3:
                 img = img.unsqueeze(0)
             if not isinstance(img, torch.Tensor) or img.dim() != 4 or img.shape[0] != 1:
-                raise ValueError(f"{name}: expected one image [C, H, W] or [1, C, H, W], got {getattr(img, 'shape', img)}")
+                raise ValueError(
+                    f"{name}: expected one image [C, H, W] or [1, C, H, W], got {getattr(img, 'shape', img)}"
+                )
             pair.append(img)
         z = self.encode(torch.cat(pair))
         w = torch.linspace(0, 1, steps, dtype=z.dtype, device=z.device).view(-1, *[1] * (z.dim() - 1))
@@ -243,6 +251,8 @@ def _padding(image_shape: tuple[int, int, int], pad_to) -> tuple[tuple[int, int,
         raise ValueError(f"pad_to: expected (height, width) as two ints, got {pad_to!r}")
     ph, pw = pad_to
     if ph < h or pw < w:
-        raise ValueError(f"pad_to: {ph}x{pw} is smaller than the images ({h}x{w}); expected height >= {h} and width >= {w}")
+        raise ValueError(
+            f"pad_to: {ph}x{pw} is smaller than the images ({h}x{w}); expected height >= {h} and width >= {w}"
+        )
     top, left = (ph - h) // 2, (pw - w) // 2
     return (c, ph, pw), (left, pw - w - left, top, ph - h - top)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from nflows.transforms import CompositeTransform, MultiscaleCompositeTransform, SqueezeTransform
 
@@ -34,8 +34,7 @@ def _checkerboard_couplings(n: int, c: int, h: int, w: int, hidden: int, context
 
 def _channel_couplings(n: int, c: int, hidden: int):
     return [
-        MaskedAffineCoupling(channel_mask(c, invert=(i % 2 == 1)), GatedConvNet(c, 2 * c, hidden), c)
-        for i in range(n)
+        MaskedAffineCoupling(channel_mask(c, invert=(i % 2 == 1)), GatedConvNet(c, 2 * c, hidden), c) for i in range(n)
     ]
 
 
@@ -79,9 +78,7 @@ def tutorial_flow(kind: str, image_shape: Sequence[int] = (1, 28, 28), num_level
         )
     flow = MultiscaleCompositeTransform(2)
     level1 = CompositeTransform(
-        _checkerboard_couplings(2, c, h, w, hidden=32)
-        + [SqueezeTransform()]
-        + _channel_couplings(2, 4 * c, hidden=48)
+        _checkerboard_couplings(2, c, h, w, hidden=32) + [SqueezeTransform()] + _channel_couplings(2, 4 * c, hidden=48)
     )
     flow.add_transform(level1, (4 * c, h // 2, w // 2))
     level2 = CompositeTransform([SqueezeTransform()] + _channel_couplings(4, 8 * c, hidden=64))

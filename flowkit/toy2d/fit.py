@@ -20,7 +20,7 @@ import copy
 import dataclasses
 import math
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -55,15 +55,59 @@ __all__ = ["FitResult", "PRESETS", "REFINE", "fit", "refine_spec"]
 # slower annealing (0.906, 0.902), no polish (0.946, 0.416, 0.971).
 # "seed" is the seed loop's settings. See benchmarks/bench_fit2d.py for the timing against the
 # seed's loop and benchmarks/seeds_fit2d.py for the spread over seeds.
-REFINE: dict = dict(flow="nflows-spline", layers=2, flow_kwargs=dict(hidden=32), iters=1500, batch_size=512, lr=1e-3, anneal_iters=0,
-                    chi2_from=700, late_batch_size=2048, late_from=700)
+REFINE: dict = dict(
+    flow="nflows-spline",
+    layers=2,
+    flow_kwargs=dict(hidden=32),
+    iters=1500,
+    batch_size=512,
+    lr=1e-3,
+    anneal_iters=0,
+    chi2_from=700,
+    late_batch_size=2048,
+    late_from=700,
+)
 PRESETS: dict[str, dict] = {
-    "fast": dict(flow="planar", layers=16, iters=2000, batch_size=512, lr=1e-2, anneal_iters=800, weight_decay=0.0, gradient="path",
-                 restarts=8, keep=2, keep_best=True),
-    "strong": dict(flow="planar", layers=16, iters=2000, batch_size=512, lr=1e-2, anneal_iters=800, weight_decay=0.0, gradient="path",
-                   restarts=8, keep=2, keep_best=True, refine=REFINE),
-    "seed": dict(flow="planar", layers=16, iters=20000, batch_size=40, lr=1e-3, anneal_iters=10000, weight_decay=1e-4, schedule="constant",
-                 gradient="total", restarts=1, keep_best=False),
+    "fast": dict(
+        flow="planar",
+        layers=16,
+        iters=2000,
+        batch_size=512,
+        lr=1e-2,
+        anneal_iters=800,
+        weight_decay=0.0,
+        gradient="path",
+        restarts=8,
+        keep=2,
+        keep_best=True,
+    ),
+    "strong": dict(
+        flow="planar",
+        layers=16,
+        iters=2000,
+        batch_size=512,
+        lr=1e-2,
+        anneal_iters=800,
+        weight_decay=0.0,
+        gradient="path",
+        restarts=8,
+        keep=2,
+        keep_best=True,
+        refine=REFINE,
+    ),
+    "seed": dict(
+        flow="planar",
+        layers=16,
+        iters=20000,
+        batch_size=40,
+        lr=1e-3,
+        anneal_iters=10000,
+        weight_decay=1e-4,
+        schedule="constant",
+        gradient="total",
+        restarts=1,
+        keep_best=False,
+    ),
 }
 
 
@@ -160,7 +204,9 @@ class _Stacked:
         self.buffers = {f"m.{k}": v for k, v in buffers.items()}
         template = copy.deepcopy(models[0]).to("meta")
         draw, push = _Calls(template, "draw"), _Calls(template, "push")
-        self._draw = lambda n: vmap(lambda p, b: functional_call(draw, (p, b), (n,)), randomness="different")(self.params, self.buffers)
+        self._draw = lambda n: vmap(lambda p, b: functional_call(draw, (p, b), (n,)), randomness="different")(
+            self.params, self.buffers
+        )
         self._push = vmap(lambda p, b, z: functional_call(push, (p, b), (z,)))
         self.vectorized = True
         try:
@@ -180,7 +226,7 @@ class _Stacked:
 
     def push(self, z0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.vectorized:
-            xs, log_qs = zip(*(_push(m, z) for m, z in zip(self.models, z0)))
+            xs, log_qs = zip(*(_push(m, z) for m, z in zip(self.models, z0, strict=False)), strict=False)
             return torch.stack(xs), torch.stack(log_qs)
         return self._push(self.params, self.buffers, z0)
 
@@ -206,7 +252,9 @@ def _log_p(target: Target2D, x: torch.Tensor) -> torch.Tensor:
     return target.log_prob(x.reshape(-1, x.shape[-1])).reshape(x.shape[:-1])
 
 
-def _loss(runner, target: Target2D, n: int, beta: float, path: bool, chi2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def _loss(
+    runner, target: Target2D, n: int, beta: float, path: bool, chi2: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The annealed reverse-KL loss ``mean(log q(x) - beta log p~(x))`` per model (``[]`` or ``[restarts]``).
 
     With ``path``, the sticking-the-landing surrogate (Roeder et al., 2017):
@@ -237,7 +285,9 @@ def _loss(runner, target: Target2D, n: int, beta: float, path: bool, chi2: bool 
     g_z0 = torch.autograd.grad(log_q.sum(), z0, retain_graph=True)[0]
     rows = [torch.autograd.grad(x[..., i].sum(), z0, retain_graph=True)[0] for i in range(x.shape[-1])]
     jac = torch.stack(rows, -2)  # jac[..., b, i, j] = dx_i / dz0_j
-    g_q = torch.linalg.solve_ex(jac.transpose(-1, -2), g_z0.unsqueeze(-1))[0].squeeze(-1)  # no raise: a singular J shows as a non-finite loss
+    g_q = torch.linalg.solve_ex(jac.transpose(-1, -2), g_z0.unsqueeze(-1))[0].squeeze(
+        -1
+    )  # no raise: a singular J shows as a non-finite loss
     x_fixed = x.detach().requires_grad_(True)
     log_p = _log_p(target, x_fixed)
     g_p = torch.autograd.grad(log_p.sum(), x_fixed)[0]
@@ -245,7 +295,7 @@ def _loss(runner, target: Target2D, n: int, beta: float, path: bool, chi2: bool 
     return surrogate, (log_q.detach() - beta * log_p.detach()).mean(-1)
 
 
-def fit(
+def fit(  # noqa: C901 (split into stages: issue 13)
     model: torch.nn.Module | Callable[[], torch.nn.Module] | None = None,
     target: Target2D | str = "two-modes",
     *,
@@ -347,9 +397,16 @@ def fit(
     late_batch_size = batch_size if late_batch_size is None else late_batch_size
     if restarts is None:
         restarts = 1 if isinstance(model, torch.nn.Module) else PRESETS["fast"]["restarts"]
-    checks = (("iters", iters, 1), ("batch_size", batch_size, 1), ("late_batch_size", late_batch_size, 1),
-              ("path_from", path_from, 0), ("sync_every", sync_every, 1), ("restarts", restarts, 1), ("keep", keep, 1),
-              ("select_samples", select_samples, 2))
+    checks = (
+        ("iters", iters, 1),
+        ("batch_size", batch_size, 1),
+        ("late_batch_size", late_batch_size, 1),
+        ("path_from", path_from, 0),
+        ("sync_every", sync_every, 1),
+        ("restarts", restarts, 1),
+        ("keep", keep, 1),
+        ("select_samples", select_samples, 2),
+    )
     for name, v, lo in checks:
         if not isinstance(v, int) or isinstance(v, bool) or v < lo:
             raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
@@ -370,11 +427,16 @@ def fit(
     if seed is not None:
         torch.manual_seed(seed)
     if model is None:
-        factory: Callable[[], torch.nn.Module] | None = lambda: build_flow("planar", 16)
+
+        def factory() -> torch.nn.Module:
+            return build_flow("planar", 16)
+
     elif isinstance(model, torch.nn.Module):
         if restarts > 1:
-            raise ValueError(f"restarts={restarts} needs model=None or a zero-argument builder (e.g. lambda: "
-                             "build_flow('planar', 16)) so that each restart has its own initialisation; got a model instance")
+            raise ValueError(
+                f"restarts={restarts} needs model=None or a zero-argument builder (e.g. lambda: "
+                "build_flow('planar', 16)) so that each restart has its own initialisation; got a model instance"
+            )
         factory = None
     elif callable(model):
         factory = model
@@ -412,7 +474,7 @@ def fit(
     best: tuple[float, int, int, dict | None] = (np.inf, iters, 0, None)  # keep_best: (score, step, restart, state)
     best_by_ess = False
     bar = tqdm(total=iters, desc="fit2d" if restarts == 1 else f"fit2d x{restarts}", disable=not progress, leave=False)
-    for start, stop in zip(bounds[:-1], bounds[1:]):
+    for start, stop in zip(bounds[:-1], bounds[1:], strict=False):
         if len(idx) == restarts > 1 and start >= select_at:
             runner, opt, idx, scores = _select(runner, opt, target, select_samples, out[:start], min(keep, restarts))
             bar.set_description(f"fit2d (restarts {', '.join(map(str, idx))})")
@@ -450,7 +512,12 @@ def fit(
             now = np.where(alive, np.atleast_1d(_scores(runner, target, select_samples, polishing)), np.inf)
             j = int(np.argmin(now))
             if now[j] < best[0]:
-                best = (float(now[j]), stop, idx[j], {k: v.detach().clone() for k, v in runner.export(j).state_dict().items()})
+                best = (
+                    float(now[j]),
+                    stop,
+                    idx[j],
+                    {k: v.detach().clone() for k, v in runner.export(j).state_dict().items()},
+                )
         if (every and stop % every == 0) or callback is not None:
             current = runner.export(slot)
             # on a forked RNG: snapshots and callbacks (e.g. evaluations) leave the fit's random stream as it was
@@ -472,15 +539,38 @@ def fit(
         model = runner.export(idx.index(col))
     else:
         col, model = idx[0], runner.export(0)
-    result = FitResult(model, out[:, col].copy(), time.perf_counter() - t0, snaps, col, scores, best[1] if keep_best else None)
+    result = FitResult(
+        model, out[:, col].copy(), time.perf_counter() - t0, snaps, col, scores, best[1] if keep_best else None
+    )
     if refine is not None:
-        result = _refine(result, target, refine, device=device, progress=progress, sync_every=sync_every,
-                         snapshot_every=snapshot_every, snapshot_samples=snapshot_samples, callback=callback)
+        result = _refine(
+            result,
+            target,
+            refine,
+            device=device,
+            progress=progress,
+            sync_every=sync_every,
+            snapshot_every=snapshot_every,
+            snapshot_samples=snapshot_samples,
+            callback=callback,
+        )
     return result
 
 
-_REFINE_OPTS = ("iters", "batch_size", "lr", "anneal_iters", "weight_decay", "schedule", "gradient", "path_from",
-                "late_batch_size", "late_from", "keep_best", "chi2_from")
+_REFINE_OPTS = (
+    "iters",
+    "batch_size",
+    "lr",
+    "anneal_iters",
+    "weight_decay",
+    "schedule",
+    "gradient",
+    "path_from",
+    "late_batch_size",
+    "late_from",
+    "keep_best",
+    "chi2_from",
+)
 
 
 def refine_spec(refine: dict | bool | None) -> dict | None:
@@ -492,14 +582,20 @@ def refine_spec(refine: dict | bool | None) -> dict | None:
     if refine is True:
         return dict(REFINE)
     if not isinstance(refine, dict):
-        raise TypeError(f"refine: expected None, True or a dict (flow, layers, flow_kwargs and fit options), got {type(refine).__name__}")
+        raise TypeError(
+            f"refine: expected None, True or a dict (flow, layers, flow_kwargs and fit options), got {type(refine).__name__}"
+        )
     unknown = sorted(set(refine) - {"flow", "layers", "flow_kwargs", *_REFINE_OPTS})
     if unknown:
-        raise ValueError(f"refine: unknown keys {unknown}; expected flow, layers, flow_kwargs or one of {', '.join(_REFINE_OPTS)}")
+        raise ValueError(
+            f"refine: unknown keys {unknown}; expected flow, layers, flow_kwargs or one of {', '.join(_REFINE_OPTS)}"
+        )
     spec = {**REFINE, **refine}
     if spec["flow"] not in IDENTITY_KINDS:
-        raise ValueError(f"refine['flow']: expected one of {', '.join(IDENTITY_KINDS)} (layers that can start as the identity), "
-                         f"got {spec['flow']!r}")
+        raise ValueError(
+            f"refine['flow']: expected one of {', '.join(IDENTITY_KINDS)} (layers that can start as the identity), "
+            f"got {spec['flow']!r}"
+        )
     for key in ("iters", "layers", "batch_size", "late_batch_size"):
         v = spec.get(key)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
@@ -507,7 +603,9 @@ def refine_spec(refine: dict | bool | None) -> dict | None:
     for key in ("chi2_from", "late_from", "path_from"):
         v = spec.get(key)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= spec["iters"]):
-            raise ValueError(f"refine['{key}']: expected None or an int in [0, refine iters={spec['iters']}], got {v!r}")
+            raise ValueError(
+                f"refine['{key}']: expected None or an int in [0, refine iters={spec['iters']}], got {v!r}"
+            )
     if not isinstance(spec["flow_kwargs"], dict):
         raise TypeError(f"refine['flow_kwargs']: expected a dict, got {type(spec['flow_kwargs']).__name__}")
     return spec
@@ -518,12 +616,19 @@ def _refine(first: FitResult, target: Target2D, spec: dict, callback, **common) 
     opts = {k: v for k, v in spec.items() if k in _REFINE_OPTS}
     model = extend_flow(first.model, spec["flow"], spec["layers"], **spec["flow_kwargs"])
     n1 = len(first.loss)
-    cb = None if callback is None else (lambda step, m, loss: callback(n1 + step, m, np.concatenate([first.loss, loss])))
+    cb = (
+        None if callback is None else (lambda step, m, loss: callback(n1 + step, m, np.concatenate([first.loss, loss])))
+    )
     second = fit(model, target, restarts=1, seed=None, callback=cb, **opts, **common)
     return FitResult(
-        second.model, np.concatenate([first.loss, second.loss]), first.seconds + second.seconds,
-        first.snapshots + [(n1 + step, x) for step, x in second.snapshots], first.restart, first.restart_scores,
-        None if second.best_step is None else n1 + second.best_step, n1,
+        second.model,
+        np.concatenate([first.loss, second.loss]),
+        first.seconds + second.seconds,
+        first.snapshots + [(n1 + step, x) for step, x in second.snapshots],
+        first.restart,
+        first.restart_scores,
+        None if second.best_step is None else n1 + second.best_step,
+        n1,
     )
 
 
@@ -548,7 +653,9 @@ def _select(runner: _Stacked, opt: torch.optim.Adam, target: Target2D, n: int, p
     """
     scores = _scores(runner, target, n)
     scores = np.where(np.isfinite(scores) & np.isfinite(past).all(0), scores, np.inf)
-    kept = [int(i) for i in np.argsort(scores, kind="stable")[:keep] if np.isfinite(scores[i])] or [int(np.argmin(scores))]
+    kept = [int(i) for i in np.argsort(scores, kind="stable")[:keep] if np.isfinite(scores[i])] or [
+        int(np.argmin(scores))
+    ]
     models = [runner.export(i) for i in kept]
     group = opt.param_groups[0]
     new_runner = _Stacked(models) if len(kept) > 1 else _Single(models[0])
@@ -559,7 +666,8 @@ def _select(runner: _Stacked, opt: torch.optim.Adam, target: Target2D, n: int, p
             new.state[param] = states[0]
         elif new_runner.vectorized:
             new.state[new_runner.params[f"m.{name}"]] = {
-                k: (torch.stack([st[k] for st in states]) if states[0][k].dim() > 0 else states[0][k]) for k in states[0]
+                k: (torch.stack([st[k] for st in states]) if states[0][k].dim() > 0 else states[0][k])
+                for k in states[0]
             }
         else:
             for j, st in enumerate(states):

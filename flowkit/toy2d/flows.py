@@ -11,7 +11,7 @@ layers that start as the identity to a fitted model (the ``refine`` stage of
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import normflows as nf
 import torch
@@ -40,7 +40,9 @@ def _spline(layers: int, hidden: int = 64, bins: int = 8, tail_bound: float = 4.
     flows = []
     for i in range(layers):
         flows.append(
-            nf.flows.CoupledRationalQuadraticSpline(2, 2, hidden, num_bins=bins, tail_bound=tail_bound, reverse_mask=i % 2 == 1)
+            nf.flows.CoupledRationalQuadraticSpline(
+                2, 2, hidden, num_bins=bins, tail_bound=tail_bound, reverse_mask=i % 2 == 1
+            )
         )
     return flows
 
@@ -54,11 +56,12 @@ def _identity_spline(coupling) -> None:
     with torch.no_grad():
         last.weight.zero_()
         last.bias.zero_()
-        last.bias.view(-1, 3 * bins - 1)[:, 2 * bins:] = math.log(math.expm1(1 - coupling.min_derivative))
+        last.bias.view(-1, 3 * bins - 1)[:, 2 * bins :] = math.log(math.expm1(1 - coupling.min_derivative))
 
 
-def _nflows_spline(layers: int, hidden: int = 64, bins: int = 8, tail_bound: float = 4.0, identity_init: bool = False,
-                   **kw) -> list:
+def _nflows_spline(
+    layers: int, hidden: int = 64, bins: int = 8, tail_bound: float = 4.0, identity_init: bool = False, **kw
+) -> list:
     from nflows.nn.nets import ResidualNet
     from nflows.transforms import CompositeTransform, PiecewiseRationalQuadraticCouplingTransform
 
@@ -115,7 +118,9 @@ def build_flow(kind: str = "planar", layers: int = 16, *, trainable_base: bool =
 IDENTITY_KINDS = ("nflows-spline",)  # kinds that can start as the identity
 
 
-def extend_flow(model: nf.NormalizingFlow, kind: str = "nflows-spline", layers: int = 2, **kwargs) -> nf.NormalizingFlow:
+def extend_flow(
+    model: nf.NormalizingFlow, kind: str = "nflows-spline", layers: int = 2, **kwargs
+) -> nf.NormalizingFlow:
     """``model`` followed by ``layers`` new layers of ``kind`` that start as the identity.
 
     The new model shares ``model``'s base and layers (training it trains them), so it starts at
@@ -130,7 +135,9 @@ def extend_flow(model: nf.NormalizingFlow, kind: str = "nflows-spline", layers: 
         **kwargs: as for :func:`build_flow` (``hidden``, ``bins``, ``tail_bound``).
     """
     if kind not in IDENTITY_KINDS:
-        raise ValueError(f"kind: expected one of {', '.join(IDENTITY_KINDS)} (layers that can start as the identity), got {kind!r}")
+        raise ValueError(
+            f"kind: expected one of {', '.join(IDENTITY_KINDS)} (layers that can start as the identity), got {kind!r}"
+        )
     if not (isinstance(model, torch.nn.Module) and hasattr(model, "q0") and hasattr(model, "flows")):
         raise TypeError(f"model: expected a normflows NormalizingFlow (q0, flows), got {type(model).__name__}")
     new = build_flow(kind, layers, identity_init=True, **kwargs).flows  # checks layers; its fresh base is dropped

@@ -48,7 +48,9 @@ def _model_log_prob(model, x: torch.Tensor) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def evaluate(model, target: Target2D | str, num_samples: int = 100_000, *, chunk: int = 1 << 16, forward: bool = True) -> Metrics:
+def evaluate(
+    model, target: Target2D | str, num_samples: int = 100_000, *, chunk: int = 1 << 16, forward: bool = True
+) -> Metrics:
     """Metrics of a normflows model ``q`` against a target ``p = p~ / Z``.
 
     Args:

@@ -7,8 +7,8 @@ matplotlib is imported inside each function; files are written with
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -16,7 +16,15 @@ import torch
 from flowkit.toy2d.flows import is_invertible
 from flowkit.toy2d.targets import Target2D, _grid_points, get_target
 
-__all__ = ["target_density_grid", "model_density_grid", "plot_target", "plot_model", "plot_loss", "plot_snapshots", "save_fit_pictures"]
+__all__ = [
+    "target_density_grid",
+    "model_density_grid",
+    "plot_target",
+    "plot_model",
+    "plot_loss",
+    "plot_snapshots",
+    "save_fit_pictures",
+]
 
 
 def _plt():
@@ -47,7 +55,12 @@ def model_density_grid(model, box, size: int = 200, num_samples: int = 200_000) 
         pts, _ = _grid_points(box, (size, size), param.dtype, param.device)
         dens = torch.cat([model.log_prob(c) for c in pts.split(1 << 15)]).exp()
         return dens.reshape(size, size).T.float().cpu().numpy(), "exact"
-    x = torch.cat([model.sample(c)[0] for c in [1 << 16] * (num_samples >> 16) + [num_samples % (1 << 16)] if c]).float().cpu().numpy()
+    x = (
+        torch.cat([model.sample(c)[0] for c in [1 << 16] * (num_samples >> 16) + [num_samples % (1 << 16)] if c])
+        .float()
+        .cpu()
+        .numpy()
+    )
     x0, x1, y0, y1 = box
     h, _, _ = np.histogram2d(x[:, 1], x[:, 0], bins=size, range=[[y0, y1], [x0, x1]])
     area = (x1 - x0) * (y1 - y0) / size**2
@@ -89,7 +102,9 @@ def plot_model(model, target: Target2D | str, path: str | os.PathLike, box=None,
     return atomic_savefig(fig, path, dpi=100)
 
 
-def plot_loss(loss: Sequence[float], path: str | os.PathLike, log_z: float | None = None, refined_from: int | None = None) -> Path:
+def plot_loss(
+    loss: Sequence[float], path: str | os.PathLike, log_z: float | None = None, refined_from: int | None = None
+) -> Path:
     """PNG of the loss per step and its moving average; with ``log_z``, as ``loss + log Z``
     (at beta = 1 an estimate of KL(q||p) in nats); with ``refined_from``, a line where the
     refine stage starts."""
@@ -116,7 +131,9 @@ def plot_loss(loss: Sequence[float], path: str | os.PathLike, log_z: float | Non
     return atomic_savefig(fig, path, dpi=100)
 
 
-def plot_snapshots(snapshots: Sequence[tuple[int, np.ndarray]], target: Target2D | str, path: str | os.PathLike, size: int = 100) -> Path:
+def plot_snapshots(
+    snapshots: Sequence[tuple[int, np.ndarray]], target: Target2D | str, path: str | os.PathLike, size: int = 100
+) -> Path:
     """PNG grid of sample histograms, one panel per ``(step, samples)`` snapshot."""
     from flowkit.viz import atomic_savefig
 
@@ -131,7 +148,7 @@ def plot_snapshots(snapshots: Sequence[tuple[int, np.ndarray]], target: Target2D
     fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.2 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, (step, x) in zip(axes.flat, snapshots):
+    for ax, (step, x) in zip(axes.flat, snapshots, strict=False):
         h, _, _ = np.histogram2d(x[:, 1], x[:, 0], bins=size, range=[[y0, y1], [x0, x1]])
         _imshow(ax, h, target.box, f"step {step}")
     fig.tight_layout()
@@ -145,7 +162,9 @@ def save_fit_pictures(result, target: Target2D | str, out_dir: str | os.PathLike
     paths = [
         plot_target(target, out_dir / "target.png"),
         plot_model(result.model, target, out_dir / "model.png"),
-        plot_loss(result.loss, out_dir / "loss.png", log_z=target.log_z, refined_from=getattr(result, "refined_from", None)),
+        plot_loss(
+            result.loss, out_dir / "loss.png", log_z=target.log_z, refined_from=getattr(result, "refined_from", None)
+        ),
     ]
     if result.snapshots:
         paths.append(plot_snapshots(result.snapshots, target, out_dir / "snapshots.png"))

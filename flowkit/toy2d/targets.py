@@ -21,7 +21,7 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import normflows as nf
 import torch
@@ -180,7 +180,16 @@ class Target2D(torch.nn.Module):
 class NormflowsTarget(Target2D):
     """A normflows 2D target (``nf.distributions.TwoModes`` etc.) with a box and a cache key."""
 
-    def __init__(self, name: str, target, box: Box, params: dict, grid: tuple[int, int] = (512, 512), log_z: float | None = None, sampler: bool = False):
+    def __init__(
+        self,
+        name: str,
+        target,
+        box: Box,
+        params: dict,
+        grid: tuple[int, int] = (512, 512),
+        log_z: float | None = None,
+        sampler: bool = False,
+    ):
         super().__init__()
         self.name = name
         self.target = target  # a Module is registered (moves with .to), a PriorDistribution is not
@@ -210,7 +219,9 @@ class GaussianTarget(Target2D):
         mean = torch.as_tensor(mean, dtype=torch.float64)
         cov = torch.as_tensor(cov, dtype=torch.float64)
         if mean.shape != (2,) or cov.shape != (2, 2):
-            raise ValueError(f"mean/cov: expected shapes (2,) and (2, 2), got {tuple(mean.shape)} and {tuple(cov.shape)}")
+            raise ValueError(
+                f"mean/cov: expected shapes (2,) and (2, 2), got {tuple(mean.shape)} and {tuple(cov.shape)}"
+            )
         if not torch.allclose(cov, cov.T) or torch.linalg.eigvalsh(cov).min() <= 0:
             raise ValueError(f"cov: expected a symmetric positive-definite 2x2 matrix, got {cov.tolist()}")
         self.name = "gaussian"
@@ -309,7 +320,7 @@ class Checkerboard(Target2D):
         self.edge = float(edge)
         b = 4.0 + 8 * self.edge
         self.box = (-b, b, -b, b)
-                # lower-left corners of the dark 2x2 squares (cell (a, b) is dark when a + b is even)
+        # lower-left corners of the dark 2x2 squares (cell (a, b) is dark when a + b is even)
         dark = [[-4.0 + 2 * a, -4.0 + 2 * b] for a in range(4) for b in range(4) if (a + b) % 2 == 0]
         self.register_buffer("lower", torch.tensor(dark))
 
@@ -343,7 +354,9 @@ class RingMixtureTarget(NormflowsTarget):
 
 def _two_modes(loc: float = 2.0, scale: float = 0.1) -> Target2D:
     b = abs(loc) + 10 * scale
-    return NormflowsTarget("two-modes", nf.distributions.TwoModes(loc, scale), (-b, b, -b, b), {"loc": loc, "scale": scale})
+    return NormflowsTarget(
+        "two-modes", nf.distributions.TwoModes(loc, scale), (-b, b, -b, b), {"loc": loc, "scale": scale}
+    )
 
 
 def _two_moons() -> Target2D:
@@ -361,7 +374,9 @@ def _sinusoid(cls, name):
         # envelope -0.5 (|x|_4 / (20 scale))^4 < -30 beyond 20 scale 60^(1/4)
         bx = 20 * scale * 60**0.25
         by = min(bx, 4.0 + 8 * scale)
-        return NormflowsTarget(name, cls(scale, period), (-bx, bx, -by, by), {"scale": scale, "period": period}, grid=(2048, 256))
+        return NormflowsTarget(
+            name, cls(scale, period), (-bx, bx, -by, by), {"scale": scale, "period": period}, grid=(2048, 256)
+        )
 
     return make
 
