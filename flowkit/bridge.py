@@ -24,11 +24,21 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import normflows as nf
 import torch
 from nflows.transforms import Transform
 
-__all__ = ["NflowsAsNormflows", "NormflowsAsNflows", "to_normflows", "to_nflows", "has_inverse"]
+__all__ = [
+    "NflowsAsNormflows",
+    "NormflowsAsNflows",
+    "has_inverse",
+    "normflows_forward",
+    "normflows_inverse",
+    "to_nflows",
+    "to_normflows",
+]
 
 
 def _batch_ladj(ladj: torch.Tensor, batch: int) -> torch.Tensor:
@@ -128,3 +138,40 @@ def to_nflows(flow: nf.flows.Flow) -> NormflowsAsNflows:
             "(which maps data -> latent); use an invertible flow (e.g. Planar(act='leaky_relu'), couplings, splines)"
         )
     return NormflowsAsNflows(flow)
+
+
+def normflows_forward(
+    flows: Sequence[nf.flows.Flow], z: torch.Tensor, context: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run normflows flows in their own direction, latent -> data (what ``NormalizingFlow.sample`` does).
+
+    Args:
+        flows: normflows flows in the order ``NormalizingFlow.flows`` holds them.
+        z: latents ``[batch, ...]``.
+        context: passed on to flows that take one.
+
+    Returns:
+        ``(x, logabsdet)`` with ``logabsdet = sum_k log|det dx_k/dx_{k-1}|`` of shape ``[batch]``,
+        so ``log q(x) = log q0(z) - logabsdet``.
+    """
+    x, total = z, z.new_zeros(z.shape[0])
+    for flow in flows:
+        x, ladj = flow(x) if context is None else flow(x, context=context)
+        total = total + _batch_ladj(torch.as_tensor(ladj, dtype=total.dtype, device=total.device), z.shape[0])
+    return x, total
+
+
+def normflows_inverse(
+    flows: Sequence[nf.flows.Flow], x: torch.Tensor, context: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run normflows flows backwards, data -> latent (what ``NormalizingFlow.log_prob`` does).
+
+    Returns:
+        ``(z, logabsdet)`` with ``logabsdet = log|det dz/dx|`` of shape ``[batch]``, so
+        ``log q(x) = log q0(z) + logabsdet``.
+    """
+    z, total = x, x.new_zeros(x.shape[0])
+    for flow in reversed(list(flows)):
+        z, ladj = flow.inverse(z) if context is None else flow.inverse(z, context=context)
+        total = total + _batch_ladj(torch.as_tensor(ladj, dtype=total.dtype, device=total.device), x.shape[0])
+    return z, total

@@ -49,6 +49,7 @@ from torch import nn
 
 from flowkit.distributed import DistributedContext
 from flowkit.distributed import setup as setup_distributed
+from flowkit.errors import NonFiniteLossError
 from flowkit.io import atomic_write_bytes, write_json
 
 __all__ = [
@@ -65,10 +66,6 @@ __all__ = [
 
 CHECKPOINT_FORMAT = "flowkit-checkpoint-1"
 DEVICES = ("auto", "cpu", "cuda")
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training met too many non-finite losses in a row, or a state that is not finite."""
 
 
 @dataclasses.dataclass

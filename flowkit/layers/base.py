@@ -25,44 +25,11 @@ from __future__ import annotations
 
 import torch
 
+from flowkit.validation import check_float_tensor, check_image_batch
+
 __all__ = ["sum_except_batch", "check_image_batch", "check_float_tensor"]
 
 
 def sum_except_batch(x: torch.Tensor) -> torch.Tensor:
     """Sum every dimension but the first: ``[B, ...] -> [B]``."""
     return x.reshape(x.shape[0], -1).sum(dim=1)
-
-
-def check_float_tensor(x, name: str, dim: int | None = None) -> None:
-    """Raise ``TypeError``/``ValueError`` unless ``x`` is a floating tensor of rank ``dim``."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
-    if dim is not None and x.dim() != dim:
-        raise ValueError(
-            f"{name}: expected a {dim}-D tensor, got shape {tuple(x.shape)}"
-            + (" ([batch, channels, height, width] expected)" if dim == 4 else "")
-        )
-
-
-def check_image_batch(x, name: str, num_levels: int) -> None:
-    """Validate integer images ``[B, C, H, W]`` with values in ``[0, num_levels)``."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor of integer images, got {type(x).__name__}")
-    if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
-        raise TypeError(
-            f"{name}: expected integer images (uint8/int32/int64 with values in "
-            f"[0, {num_levels})), got dtype {x.dtype}; convert with (x * {num_levels - 1}).round().long() "
-            "if your images are floats in [0, 1]"
-        )
-    if x.dim() != 4:
-        raise ValueError(
-            f"{name}: expected integer images of shape [batch, channels, height, width], got shape {tuple(x.shape)}"
-        )
-    if x.numel() > 0:
-        lo, hi = int(x.min()), int(x.max())
-        if lo < 0 or hi >= num_levels:
-            raise ValueError(
-                f"{name}: values must lie in [0, {num_levels}) for num_levels={num_levels}, got min {lo} and max {hi}"
-            )

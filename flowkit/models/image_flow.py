@@ -109,8 +109,8 @@ class ImageFlow(nn.Module):
             return [tuple(s) for s in self.flow._output_shapes]
         return [self.latent_shape]
 
-    def _check_images(self, x: torch.Tensor, name: str = "x") -> torch.Tensor:
-        check_image_batch(x, name, self.num_levels)
+    def _check_images(self, x: torch.Tensor, name: str = "x", validate: bool = True) -> torch.Tensor:
+        check_image_batch(x, name, self.num_levels, check_values=validate)
         if tuple(x.shape[1:]) != self.image_shape:
             raise ValueError(
                 f"{name}: expected images of shape [batch, {', '.join(map(str, self.image_shape))}], got {tuple(x.shape)}"
@@ -137,39 +137,44 @@ class ImageFlow(nn.Module):
         return x[..., top : top + h, left : left + w]
 
     # -- density ----------------------------------------------------------------------
-    def encode_with_logdet(self, x: torch.Tensor):
-        """``(z, logabsdet)``: latents (shaped as ``latent_shape``) of integer images."""
-        x = self.pad(self._check_images(x))
+    def encode_with_logdet(self, x: torch.Tensor, *, validate: bool = True):
+        """``(z, logabsdet)``: latents (shaped as ``latent_shape``) of integer images.
+
+        ``validate=False`` skips the check of the pixel values (a device synchronisation) for
+        data that was validated already (the trainer validates a data set once when it loads it).
+        """
+        x = self.pad(self._check_images(x, validate=validate))
         h, ladj = self.dequantization(x)
         z, ladj_flow = self.flow(h)
         return z, ladj + ladj_flow
 
-    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """Lower bound on ``log P(x)`` in nats, shape ``[batch]``."""
-        z, logabsdet = self.encode_with_logdet(x)
+    def log_prob(self, x: torch.Tensor, *, validate: bool = True) -> torch.Tensor:
+        """Lower bound on ``log P(x)`` in nats, shape ``[batch]`` (``validate``: see :meth:`encode_with_logdet`)."""
+        z, logabsdet = self.encode_with_logdet(x, validate=validate)
         return standard_normal_log_prob(z) + logabsdet
 
     def nats_to_bpd(self, log_prob: torch.Tensor) -> torch.Tensor:
         """``-log_prob / (num_dims log 2)``; ``num_dims`` is the original (unpadded) C*H*W."""
         return -log_prob / (self.num_dims * math.log(2.0))
 
-    def bpd(self, x: torch.Tensor) -> torch.Tensor:
+    def bpd(self, x: torch.Tensor, *, validate: bool = True) -> torch.Tensor:
         """Bits per dimension, ``-log_prob(x) / (D log 2)``, shape ``[batch]``.
 
         ``D = num_dims`` is the original image's size; with padding the border's cost stays
         in ``log_prob`` (see the class docstring), so the figure is an upper bound per
         original pixel.
         """
-        return self.nats_to_bpd(self.log_prob(x))
+        return self.nats_to_bpd(self.log_prob(x, validate=validate))
 
-    def bpd_importance(self, x: torch.Tensor, num_samples: int = 8) -> torch.Tensor:
+    def bpd_importance(self, x: torch.Tensor, num_samples: int = 8, *, validate: bool = True) -> torch.Tensor:
         """Importance-sampled bits/dim: ``log (1/M) sum_m p(x + u_m) / q(u_m | x)``.
 
         A tighter bound than :meth:`bpd` (Burda et al., 2016; the tutorial's test metric).
         """
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples: expected a positive int, got {num_samples!r}")
-        lls = torch.stack([self.log_prob(x) for _ in range(num_samples)], dim=-1)
+        self._check_images(x, validate=validate)
+        lls = torch.stack([self.log_prob(x, validate=False) for _ in range(num_samples)], dim=-1)
         return self.nats_to_bpd(torch.logsumexp(lls, dim=-1) - math.log(num_samples))
 
     # -- latents and samples ----------------------------------------------------------

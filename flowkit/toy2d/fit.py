@@ -25,6 +25,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from flowkit.errors import NonFiniteLossError
 from flowkit.toy2d.flows import IDENTITY_KINDS, build_flow, extend_flow
 from flowkit.toy2d.targets import Target2D, get_target
 
@@ -392,7 +393,7 @@ def fit(  # noqa: C901 (split into stages: issue 13)
         one) and its loss per step.
 
     Raises:
-        FloatingPointError: when the loss becomes non-finite (lower ``lr``).
+        NonFiniteLossError: (a ``FloatingPointError``) when the loss becomes non-finite (lower ``lr``).
     """
     late_batch_size = batch_size if late_batch_size is None else late_batch_size
     if restarts is None:
@@ -500,7 +501,7 @@ def fit(  # noqa: C901 (split into stages: issue 13)
         if not alive.any():
             bad = start + int(np.argmax(~np.isfinite(chunk).all(1)))
             bar.close()
-            raise FloatingPointError(f"fit: the loss became non-finite at step {bad}; lower lr (got {lr})")
+            raise NonFiniteLossError(f"fit: the loss became non-finite at step {bad}; lower lr (got {lr})")
         slot = int(np.argmin(np.where(alive, chunk.mean(0), np.inf)))  # lowest recent loss, never a dead one
         col = idx[slot]
         bar.update(stop - start)
