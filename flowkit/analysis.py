@@ -31,7 +31,7 @@ import torch
 
 from flowkit.layers.dequantization import Dequantization
 from flowkit.models.image_flow import ImageFlow
-from flowkit.viz import atomic_savefig, image_grid
+from flowkit.viz import DPI, atomic_savefig, new_figure, save_image_grid
 
 __all__ = [
     "dequantization_density",
@@ -46,18 +46,6 @@ __all__ = [
     "analyze",
     "DPI",
 ]
-
-#: resolution of every picture written here (figure sizes are whole pixels at this dpi)
-DPI = 100
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 @contextlib.contextmanager
@@ -145,12 +133,14 @@ def plot_dequantization_distribution(
     Writes a 600x300 PNG; returns its path.
     """
     z, density, level = dequantization_density(num_levels, prior, z_range)
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3))
+    from matplotlib import colormaps
+
+    fig = new_figure(6, 3)
+    ax = fig.add_subplot()
     ticks = []
     for k in np.unique(level):
         idx = np.flatnonzero(level == k)
-        color = plt.cm.tab10(int(k) % 10)
+        color = colormaps["tab10"](int(k) % 10)
         ax.fill_between(z[idx], density[idx], 0.0, color=color, alpha=0.5, label=str(int(k)))
         ax.plot([z[idx[0]]] * 2, [0, density[idx[0]]], color=color)
         ticks.append(z[idx[0]])
@@ -251,9 +241,9 @@ def plot_dequantization_noise(
         name: {"u_mean": float(u.mean()), "u_std": float(u.std()), "z_mean": float(z.mean()), "z_std": float(z.std())}
         for name, (u, z) in data.items()
     }
-    plt = _pyplot()
     rows = len(data)
-    fig, axes = plt.subplots(rows, 2, figsize=(8, (40 + 220 * rows) / DPI), squeeze=False)
+    fig = new_figure(8, (40 + 220 * rows) / DPI)
+    axes = fig.subplots(rows, 2, squeeze=False)
     for r, (name, (u, z)) in enumerate(data.items()):
         ax_u, ax_z = axes[r]
         ax_u.hist(u.numpy(), bins=bins, range=(0.0, 1.0), density=True, color="C0", alpha=0.6, edgecolor="C0")
@@ -271,47 +261,6 @@ def plot_dequantization_noise(
 
 
 # -- image grids with row labels ----------------------------------------------------------------
-def _save_rows(
-    images: torch.Tensor,
-    path: str | os.PathLike,
-    num_levels: int,
-    ncol: int,
-    row_labels: Sequence[str] | None = None,
-    title: str | None = None,
-    zoom: int | None = None,
-) -> Path:
-    """Integer images as a grid with ``ncol`` columns, optional labels left of each row.
-
-    Size: ``(label + zoom * grid_w) x (title + zoom * grid_h)`` pixels, where ``label`` is
-    60 px with row labels (else 0), ``title`` 24 px with a title (else 0) and
-    ``grid_w = ncol * (W + 1) + 1`` (see :func:`flowkit.viz.image_grid`).
-    """
-    grid = image_grid(images, num_levels, nrow=ncol)
-    gh, gw = grid.shape[:2]
-    if zoom is None:
-        zoom = max(1, 48 // max(images.shape[-2:]))  # ~48 px per image side
-    label_px = 60 if row_labels else 0
-    title_px = 24 if title else 0
-    width, height = label_px + zoom * gw, title_px + zoom * gh
-    plt = _pyplot()
-    fig = plt.figure(figsize=(width / DPI, height / DPI))
-    ax = fig.add_axes([label_px / width, 0, zoom * gw / width, zoom * gh / height])
-    ax.imshow(grid[..., 0] if grid.shape[2] == 1 else grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_xticks([])
-    for side in ax.spines.values():
-        side.set_visible(False)
-    if row_labels:
-        h = images.shape[-2]
-        ax.set_yticks([1 + r * (h + 1) + (h - 1) / 2 for r in range(len(row_labels))])
-        ax.set_yticklabels(list(row_labels), fontsize=7)
-        ax.tick_params(length=0)
-    else:
-        ax.set_yticks([])
-    if title:
-        fig.text(0.5, 1 - (title_px / 2) / height, title, ha="center", va="center", fontsize=8)
-    return atomic_savefig(fig, path, dpi=DPI)
-
-
 # -- interpolation -----------------------------------------------------------------------------
 @torch.no_grad()
 def plot_interpolation(
@@ -344,7 +293,7 @@ def plot_interpolation(
     with _seeded(seed, model.device):
         rows = [model.interpolate(images[2 * i], images[2 * i + 1], steps=steps).cpu() for i in range(pairs)]
     grid = torch.cat(rows)
-    out = _save_rows(grid, path, model.num_levels, steps, title=f"interpolation in latent space ({steps} steps)")
+    out = save_image_grid(grid, path, model.num_levels, steps, title=f"interpolation in latent space ({steps} steps)")
     return out, grid
 
 
@@ -398,7 +347,7 @@ def plot_shared_final_latent(
     images = shared_final_latent_samples(model, num_rows, num_cols, temperature, gen).cpu()
     labels = [f"z_final #{r + 1}" for r in range(num_rows)]
     title = f"each row shares the final latent {tuple(model.level_shapes[-1])}; early levels fresh (T={temperature:g})"
-    return _save_rows(images, path, model.num_levels, num_cols, labels, title), images
+    return save_image_grid(images, path, model.num_levels, num_cols, title=title, row_labels=labels), images
 
 
 # -- temperature sweep ---------------------------------------------------------------------------
@@ -430,8 +379,13 @@ def plot_temperature_sweep(
     """PNG of :func:`temperature_sweep_samples`, one row per temperature; returns ``(path, images)``."""
     images = temperature_sweep_samples(model, temperatures, num_cols, seed)
     labels = [f"T = {float(t):g}" for t in temperatures]
-    return _save_rows(
-        images, path, model.num_levels, num_cols, labels, "samples at temperature T (same base noise per column)"
+    return save_image_grid(
+        images,
+        path,
+        model.num_levels,
+        num_cols,
+        title="samples at temperature T (same base noise per column)",
+        row_labels=labels,
     ), images
 
 
