@@ -28,6 +28,9 @@ fix                                     what changes
                                         channel gave an infinite log-scale)
 ``torchutils.searchsorted``             no longer adds eps to the caller's bin locations in place
                                         (the linear spline's inverse was wrong in its last bin)
+``torchutils.random_orthogonal``,      ``torch.linalg`` instead of ``torch.qr``/``torch.solve``,
+``NaiveLinear.inverse_no_cache``,       which PyTorch removed (``NaiveLinear`` could not be built
+``NaiveLinear.weight_inverse_and_...``  or inverted)
 ``splines.linear.linear_spline``        inverse bin boundaries in the inputs' dtype and device
                                         (they were float32 CPU: 1e-8 errors in float64, a device
                                         error on CUDA)
@@ -146,6 +149,25 @@ def _searchsorted(bin_locations: torch.Tensor, inputs: torch.Tensor, eps: float 
     return torch.sum(inputs[..., None] >= bin_locations, dim=-1) - 1
 
 
+def _random_orthogonal(size: int) -> torch.Tensor:
+    """A random orthogonal ``[size, size]`` matrix: Q of the QR decomposition of a Gaussian matrix."""
+    q, _ = torch.linalg.qr(torch.randn(size, size))
+    return q
+
+
+def _naive_inverse_no_cache(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    lu, pivots = torch.linalg.lu_factor(self._weight)
+    outputs = torch.linalg.lu_solve(lu, pivots, (inputs - self.bias).t()).t()
+    logabsdet = -torch.log(torch.abs(torch.diagonal(lu))).sum()  # log|det W| from the LU factors
+    return outputs, logabsdet * outputs.new_ones(inputs.shape[0])
+
+
+def _naive_weight_inverse_and_logabsdet(self) -> tuple[torch.Tensor, torch.Tensor]:
+    lu, pivots = torch.linalg.lu_factor(self._weight)
+    identity = torch.eye(self.features, dtype=lu.dtype, device=lu.device)
+    return torch.linalg.lu_solve(lu, pivots, identity), torch.log(torch.abs(torch.diagonal(lu))).sum()
+
+
 def _linear_spline(inputs, unnormalized_pdf, inverse=False, left=0.0, right=1.0, bottom=0.0, top=1.0):
     """nflows' ``linear_spline`` (Müller et al., 2018) with its bin boundaries in the inputs'
     dtype and device."""
@@ -246,6 +268,31 @@ PATCHES: tuple[Patch, ...] = (
         "no longer adds eps to the caller's bin locations in place (the linear spline's inverse was "
         "wrong in its last bin)",
         also_in=((_nflows_utils, "searchsorted"),),
+    ),
+    Patch(
+        "torchutils.random_orthogonal",
+        _torchutils,
+        "random_orthogonal",
+        _random_orthogonal,
+        "73a83f9a77b5ac88ba02a9fdede08945184b2b92de18c3308d8163f9ed4cc8a7",
+        "torch.linalg.qr instead of torch.qr, which current PyTorch removed (NaiveLinear could not be built)",
+        also_in=((_nflows_utils, "random_orthogonal"),),
+    ),
+    Patch(
+        "NaiveLinear.inverse_no_cache",
+        _linear.NaiveLinear,
+        "inverse_no_cache",
+        _naive_inverse_no_cache,
+        "4c59960c5b15a0c756b19af2ab89bb17ca40fe73de012de160b2b7e61173852c",
+        "torch.linalg.lu_factor/lu_solve instead of torch.solve, which current PyTorch removed",
+    ),
+    Patch(
+        "NaiveLinear.weight_inverse_and_logabsdet",
+        _linear.NaiveLinear,
+        "weight_inverse_and_logabsdet",
+        _naive_weight_inverse_and_logabsdet,
+        "27748110469752d43d52a21dbe9475006a320e180ad3e43111dc556e5b77881c",
+        "torch.linalg.lu_factor/lu_solve instead of torch.solve (removed), identity on the weight's device and dtype",
     ),
     Patch(
         "splines.linear.linear_spline",

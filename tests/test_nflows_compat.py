@@ -19,6 +19,7 @@ from nflows.transforms import (
 from nflows.transforms.lu import LULinear
 
 from flowkit import _patching, check_transform, nflows_compat
+from flowkit.check import perturb_parameters
 from flowkit.nflows_compat import unpatched
 
 
@@ -272,3 +273,22 @@ def test_unpatched_names_must_exist():
     with pytest.raises(ValueError, match="names: unknown nflows fixes"):
         with unpatched("LULinear.nonexistent"):
             pass
+
+
+def test_naive_linear_can_be_built_on_current_torch():
+    from nflows.transforms import NaiveLinear
+
+    lin = NaiveLinear(4)  # its orthogonal initialisation called torch.qr, removed from PyTorch
+    w = lin._weight.detach()
+    torch.testing.assert_close(w @ w.T, torch.eye(4), rtol=0, atol=1e-5)
+    perturb_parameters(lin, 0.3).double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    assert check_transform(lin, x).ok  # inverse_no_cache (torch.solve before)
+    lin.use_cache(True)
+    assert check_transform(lin, x).ok  # the eval-mode cache: weight_inverse_and_logabsdet
+    with unpatched("torchutils.random_orthogonal"), pytest.raises(RuntimeError, match="torch.qr"):
+        NaiveLinear(4)
+    with unpatched("NaiveLinear.inverse_no_cache"), pytest.raises(RuntimeError, match="torch.solve"):
+        lin.inverse_no_cache(x)
+    with unpatched("NaiveLinear.weight_inverse_and_logabsdet"), pytest.raises(RuntimeError, match="torch.solve"):
+        lin.weight_inverse_and_logabsdet()
