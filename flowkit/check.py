@@ -594,7 +594,7 @@ def check_transform(
 
 # -- the table --------------------------------------------------------------------------------
 
-_HEADER = f"{'layer':<34} {'dtype':<8} {'roundtrip':>10} {'|ladj-logdetJ|':>15} {'|fwd+inv ladj|':>15}  ok"
+_HEADER = f"{'layer':<46} {'dtype':<8} {'roundtrip':>10} {'|ladj-logdetJ|':>15} {'|fwd+inv ladj|':>15}  ok"
 
 
 def format_header() -> str:
@@ -605,7 +605,7 @@ def format_header() -> str:
 def format_row(report: CheckReport) -> str:
     """One report as a table line; a failing one ends with its reasons."""
     line = (
-        f"{report.name:<34} {report.dtype:<8} {report.roundtrip_error:>10.2e} {report.jacobian_error:>15.2e} "
+        f"{report.name:<46} {report.dtype:<8} {report.roundtrip_error:>10.2e} {report.jacobian_error:>15.2e} "
         f"{report.ladj_sum_error:>15.2e}  {'yes' if report.ok else 'NO'}"
     )
     return line if report.ok else f"{line}  {report.reason}"
