@@ -292,3 +292,13 @@ def test_naive_linear_can_be_built_on_current_torch():
         lin.inverse_no_cache(x)
     with unpatched("NaiveLinear.weight_inverse_and_logabsdet"), pytest.raises(RuntimeError, match="torch.solve"):
         lin.weight_inverse_and_logabsdet()
+
+
+@pytest.mark.cuda
+def test_linear_spline_inverse_runs_on_cuda():
+    cdf = PiecewiseLinearCDF([2], num_bins=5).cuda()  # its bin boundaries were built on the CPU
+    x = torch.rand(64, 2, device="cuda")
+    z, ladj = cdf(x)
+    x_back, ladj_inv = cdf.inverse(z)
+    torch.testing.assert_close(x_back, x, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ladj + ladj_inv, torch.zeros_like(ladj), rtol=0, atol=1e-5)

@@ -94,3 +94,12 @@ def test_every_fix_is_active_and_a_foreign_version_is_left_alone():
         with pytest.warns(RuntimeWarning, match="installed version 1.8.0, the fix is for 1.7.3"):
             assert not _patching.apply(fresh, "1.8.0", normflows_compat.SUPPORTED_VERSIONS)
         assert nf.flows.Composite.__dict__["_cascade"] is original
+
+
+@pytest.mark.cuda
+def test_composite_and_bridge_run_on_cuda():
+    flows = [nf.flows.Composite([nf.flows.Planar((2,), act="leaky_relu"), nf.flows.Permute(2)]).cuda()]
+    z = torch.randn(8, 2, device="cuda")
+    x, ladj = normflows_forward(flows, z)  # Composite summed into a CPU torch.zeros(batch)
+    assert ladj.device.type == "cuda"
+    assert check_transform(to_nflows(flows[0]), x).ok
