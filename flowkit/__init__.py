@@ -3,12 +3,16 @@
 Every layer is an ``nflows.transforms.Transform`` mapping data -> latent in ``forward`` and
 returning ``(outputs, logabsdet[batch])``; see :mod:`flowkit.layers.base`.
 
-Importing flowkit applies the documented fixes to nflows 0.14 in :mod:`flowkit.nflows_compat`.
+Importing flowkit applies the documented, verified fixes to nflows 0.14 in
+:mod:`flowkit.nflows_compat` and to normflows 1.7.3 in :mod:`flowkit.normflows_compat` (each
+checks the library version and the function it replaces; see the README's section on them).
 """
 
 from flowkit import nflows_compat as _nflows_compat
+from flowkit import normflows_compat as _normflows_compat
 
 _nflows_compat.apply_patches()
+_normflows_compat.apply_patches()
 
 from flowkit import layers, models  # noqa: E402
 from flowkit.check import CheckReport, check_transform  # noqa: E402
