@@ -76,12 +76,18 @@ output; memory then grows with the number of composites, not of steps), or by mo
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
-from collections.abc import Iterable
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import NamedTuple
 
 import torch
-from nflows.transforms import ActNorm, CompositeTransform, Transform
+import torch.nn.functional as F
+from nflows.transforms import ActNorm, CompositeTransform, OneByOneConvolution, Transform
+from nflows.transforms.coupling import CouplingTransform
 from nflows.transforms.normalization import BatchNorm as _NflowsBatchNorm
+from nflows.transforms.permutations import Permutation
 from torch import nn
 
 __all__ = ["MemorySavingComposite"]
@@ -103,23 +109,546 @@ def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
-class _InvertibleSequence(torch.autograd.Function):
-    """``(outputs, logabsdet)`` of ``steps`` applied in order; stores only ``outputs``.
+# A step is what the forward pass runs and the backward pass undoes.  Every step has
+# ``modules`` (whose parameters it differentiates), ``run(x, context) -> (y, ladj)`` (the
+# step in the direction being computed; called under no_grad) and ``backprop(y, grad_y,
+# grad_ladj, context, need) -> _Rebuilt`` (rebuild the input from the output and push the
+# gradients of ``y`` and ``ladj`` through the step).
 
-    ``steps`` is a list of ``(module, apply, rebuild)``: ``apply(x, context) -> (y, ladj)``
-    is the step in the direction being computed, ``rebuild(y, context) -> (x, _)`` its
-    inverse.  ``params`` are the composite's parameters that require grad.  ``monitor`` is
-    ``None`` or the composite: then ``inputs`` are stored too and the backward pass compares
-    them with their reconstruction (``monitor.max_reconstruction_error``).
+
+class _Need(NamedTuple):
+    """What one step's backward must produce."""
+
+    x: bool  # the gradient of the step's input
+    context: bool  # the gradient of the context
+    params: list[torch.Tensor]  # the step's parameters whose gradients are wanted
+    recompute: Callable[[], contextlib.AbstractContextManager]  # the forward's autocast state, for re-run layers
+
+
+class _Rebuilt(NamedTuple):
+    """One step undone: its input (detached) and the gradients of input, parameters, context."""
+
+    x: torch.Tensor
+    grad_x: torch.Tensor | None
+    grad_params: list[torch.Tensor | None]
+    grad_context: torch.Tensor | None
+
+
+def _vjp(outputs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], inputs: list, context, need: _Need):
+    """``(input grads, param grads, context grad)`` of ``sum_i <outputs[i], grads[i]>``, each
+    ``None`` where unused; ``inputs`` are differentiated only if ``need.x``."""
+    wrt = (inputs if need.x else []) + need.params + ([context] if need.context else [])
+    pairs = [(o, g) for o, g in zip(outputs, grads, strict=True) if o.requires_grad]
+    if pairs and wrt:
+        found = list(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True))
+    else:
+        found = [None] * len(wrt)
+    context_grad = found.pop() if need.context else None
+    n = len(inputs) if need.x else 0
+    return found[:n], found[n:], context_grad
+
+
+def _or_zeros(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like) if grad is None else grad
+
+
+class _GenericStep:
+    """Any invertible transform: rebuild the input with the inverse, re-run the step with grad
+    and backpropagate through it (one inverse and one forward per backward)."""
+
+    def __init__(self, module: Transform, inverse: bool):
+        self.modules = (module,)
+        self._apply, self._rebuild = (module.inverse, module) if inverse else (module, module.inverse)
+
+    def run(self, x: torch.Tensor, context):
+        return self._apply(x, context)
+
+    def backprop(self, y, grad_y, grad_ladj, context, need: _Need) -> _Rebuilt:
+        with torch.no_grad():
+            x, _ = self._rebuild(y, context)
+        x = x.detach().requires_grad_(need.x)
+        with torch.enable_grad(), need.recompute():
+            y_again, ladj = self._apply(x, context)
+        grad_xs, grad_params, grad_context = _vjp((y_again, ladj), (grad_y, grad_ladj), [x], context, need)
+        grad_x = _or_zeros(grad_xs[0], x) if need.x else None
+        return _Rebuilt(x.detach(), grad_x, grad_params, grad_context)
+
+
+class _Halves(NamedTuple):
+    """Where a coupling's identity and transformed features sit along dim 1: two slices
+    when both are contiguous ranges (split = views, merge = one ``cat``), else ``None`` and the
+    module's index buffers are used."""
+
+    identity: slice | None
+    transform: slice | None
+
+
+_HALVES: weakref.WeakKeyDictionary = (
+    weakref.WeakKeyDictionary()
+)  # module -> _Halves (read once: no device sync per call)
+
+
+def _as_range(index: torch.Tensor) -> slice | None:
+    values = index.tolist()
+    if values and values == list(range(values[0], values[0] + len(values))):
+        return slice(values[0], values[0] + len(values))
+    return None
+
+
+def _halves(module) -> _Halves:
+    if module not in _HALVES:
+        identity, transform = _as_range(module.identity_features), _as_range(module.transform_features)
+        _HALVES[module] = _Halves(identity, transform) if identity and transform else _Halves(None, None)
+    return _HALVES[module]
+
+
+class _CouplingStep:
+    """A coupling ``y_a = x_a, y_b = g(x_b; net(x_a, context))`` (nflows' ``CouplingTransform``
+    contract: ``transform_net``, ``_coupling_transform_forward/_inverse``, identity and
+    transform feature indices; nflows' affine/additive couplings, flowkit's
+    ``ClampedAffineCoupling``).
+
+    The backward pass runs the net once, with grad, on ``x_a = y_a``; the same parameters
+    rebuild ``x_b = g^-1(y_b)`` (no grad) and rebuild the local graph of ``g`` (elementwise,
+    cheap), so the net's inverse-pass call of the generic path disappears (the fused
+    inverse + recompute of reversible-network libraries: RevTorch, MemCNN, FrEIA).
+    """
+
+    def __init__(self, module, inverse: bool):
+        self.modules = (module,)
+        self.module = module
+        forward, backward = module._coupling_transform_forward, module._coupling_transform_inverse
+        self._apply, self._rebuild = (backward, forward) if inverse else (forward, backward)
+
+    def _split(self, x: torch.Tensor):
+        halves = _halves(self.module)
+        if halves.identity is None:
+            return x.index_select(1, self.module.identity_features), x.index_select(1, self.module.transform_features)
+        return x[:, halves.identity], x[:, halves.transform]
+
+    def _merge(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        halves = _halves(self.module)
+        if halves.identity is None:
+            out = a.new_empty((a.shape[0], a.shape[1] + b.shape[1], *a.shape[2:]))
+            out[:, self.module.identity_features] = a
+            out[:, self.module.transform_features] = b
+            return out
+        return torch.cat([a, b] if halves.identity.start == 0 else [b, a], dim=1)
+
+    def run(self, x: torch.Tensor, context):
+        if x.dim() not in (2, 4) or x.shape[1] != self.module.features:
+            raise ValueError(
+                f"inputs: {type(self.module).__name__} expects a [batch, {self.module.features}] or "
+                f"[batch, {self.module.features}, height, width] tensor, got shape {tuple(x.shape)}"
+            )
+        x_a, x_b = self._split(x)
+        y_b, ladj = self._apply(x_b, self.module.transform_net(x_a.contiguous(), context))
+        return self._merge(x_a, y_b), ladj
+
+    def backprop(self, y, grad_y, grad_ladj, context, need: _Need) -> _Rebuilt:
+        y_a, y_b = self._split(y)
+        x_a = y_a.contiguous().requires_grad_(need.x)  # the unchanged half: x_a = y_a
+        with torch.enable_grad(), need.recompute():
+            params = self.module.transform_net(x_a, context)  # the one net call of this backward
+            with torch.no_grad():
+                x_b, _ = self._rebuild(y_b, params.detach())
+            x_b.requires_grad_(need.x)
+            y_b_again, ladj = self._apply(x_b, params)
+        grad_a, grad_b = self._split(grad_y)
+        grad_xs, grad_params, grad_context = _vjp((y_b_again, ladj), (grad_b, grad_ladj), [x_a, x_b], context, need)
+        grad_x = None
+        if need.x:
+            through_net = grad_xs[0]
+            grad_x = self._merge(grad_a if through_net is None else grad_a + through_net, _or_zeros(grad_xs[1], x_b))
+        return _Rebuilt(self._merge(x_a.detach(), x_b.detach()), grad_x, grad_params, grad_context)
+
+
+def _channel_affine(matrix: torch.Tensor, bias: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``matrix @ x + bias`` over dim 1 of ``x`` ``[B, C, ...]`` at every other index."""
+    x3 = x.reshape(x.shape[0], x.shape[1], -1)
+    out = torch.baddbmm(bias.view(1, -1, 1), matrix.expand(x3.shape[0], -1, -1), x3)
+    return out.view((x.shape[0], matrix.shape[0], *x.shape[2:]))
+
+
+class _ChannelLinearStep:
+    """A run of ``ActNorm`` / ``OneByOneConvolution`` layers: ``y = A x + c`` at every pixel,
+    ``ladj = H * W * log|det A|``, with ``A`` one ``C x C`` matrix for the whole run (ActNorm
+    scales, permutation and LU product folded together).
+
+    Forward: one batched matmul.  Backward: ``x = A^-1 (y - c)``, ``dL/dx = A^T dL/dy``,
+    ``dL/dA = sum dL/dy x^T``, ``dL/dc = sum dL/dy`` (no recomputed forward, no
+    activation-sized graph); ``A`` and its inverse come from :class:`_ChannelMaps`, which also
+    carries ``dL/dA`` etc. on to the parameters for all such steps at once.
+    """
+
+    def __init__(self, modules: Sequence[Transform], inverse: bool):
+        self.modules = tuple(modules)
+        self.inverse = inverse
+        self._four_d = any(isinstance(m, OneByOneConvolution) for m in modules)
+        self.applied: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (A, c, logdet), no grad
+        self.rebuild: tuple[torch.Tensor, torch.Tensor] | None = None  # (R, r): x = R y + r
+        self.grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # of (A, c, logdet)
+
+    def signature(self) -> tuple:
+        """Runs with equal signatures are built together (same layer types and sizes)."""
+        return tuple(
+            (type(m), m.log_scale.shape if isinstance(m, ActNorm) else (m.features, m.eps)) for m in self.modules
+        )
+
+    def _check(self, x: torch.Tensor) -> None:
+        dims = (4,) if self._four_d else (2, 4)
+        if x.dim() not in dims:
+            names = "/".join(sorted({type(m).__name__ for m in self.modules}))
+            expected = " or ".join(f"{d}-D" for d in dims)
+            raise ValueError(f"inputs: {names} expects a {expected} tensor, got shape {tuple(x.shape)}")
+
+    def run(self, x: torch.Tensor, context):
+        self._check(x)
+        matrix, bias, logdet = self.applied
+        return _channel_affine(matrix, bias, x), (logdet * x[0, 0].numel()).expand(x.shape[0])
+
+    def backprop(self, y, grad_y, grad_ladj, context, need: _Need) -> _Rebuilt:
+        matrix = self.applied[0]
+        with torch.no_grad():  # in full precision even under autocast: rebuild errors compound
+            dtype = torch.promote_types(y.dtype, matrix.dtype)
+            x = _channel_affine(self.rebuild[0].to(dtype), self.rebuild[1].to(dtype), y.to(dtype))
+            b, c = x.shape[:2]
+            g3, x3 = grad_y.to(dtype).reshape(b, c, -1), x.reshape(b, c, -1)
+            grad_x = torch.bmm(matrix.to(dtype).t().expand(b, -1, -1), g3).view_as(x) if need.x else None
+            grads = (torch.bmm(g3, x3.transpose(1, 2)).sum(0), g3.sum((0, 2)), grad_ladj.sum() * x3.shape[2])
+        self.grads = tuple(g.to(matrix.dtype) for g in grads)
+        return _Rebuilt(x, grad_x, [None] * len(need.params), None)
+
+
+class _Affine(NamedTuple):
+    """K stacked per-pixel affine maps ``y = A x + c``: ``matrix [K, C, C]``, ``bias [K, C]``
+    and ``logdet [K] = log|det A|``."""
+
+    matrix: torch.Tensor
+    bias: torch.Tensor
+    logdet: torch.Tensor
+
+
+def _stack(modules: Sequence[nn.Module], name: str) -> torch.Tensor:
+    return torch.stack([getattr(m, name).detach() for m in modules])
+
+
+@functools.lru_cache(maxsize=64)
+def _triangle_indices(n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Row/column indices of the strict lower and upper triangles of ``n x n`` (nflows' order)."""
+    lower, upper = torch.tril_indices(n, n, -1, device=device), torch.triu_indices(n, n, 1, device=device)
+    return lower[0], lower[1], upper[0], upper[1]
+
+
+class _ActNormMaps:
+    """K nflows ``ActNorm`` layers: ``y = exp(log_scale) * x + shift`` per channel."""
+
+    def __init__(self, modules: Sequence[ActNorm]):
+        self.modules = modules
+
+    def build(self) -> _Affine:
+        log_scale = _stack(self.modules, "log_scale")
+        self.scale = log_scale.exp()
+        return _Affine(torch.diag_embed(self.scale), _stack(self.modules, "shift"), log_scale.sum(1))
+
+    def grads(self, grad: _Affine) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        grad_log_scale = torch.diagonal(grad.matrix, dim1=1, dim2=2) * self.scale + grad.logdet[:, None]
+        for i, m in enumerate(self.modules):
+            yield m.log_scale, grad_log_scale[i]
+            yield m.shift, grad.bias[i]
+
+
+class _OneByOneMaps:
+    """K nflows ``OneByOneConvolution`` layers: ``y = L U x[:, permutation] + bias`` per pixel,
+    ``L`` unit lower triangular, ``U`` upper triangular with ``diag(U) = softplus(.) + eps``
+    (nflows' ``LULinear`` parametrisation), ``log|det| = sum log diag(U)``."""
+
+    def __init__(self, modules: Sequence[OneByOneConvolution]):
+        self.modules = modules
+
+    def build(self) -> _Affine:
+        first = self.modules[0]
+        k, n = len(self.modules), first.features
+        lower_rows, lower_cols, upper_rows, upper_cols = _triangle_indices(n, first.bias.device)
+        self.unconstrained = _stack(self.modules, "unconstrained_upper_diag")
+        self.upper_diag = F.softplus(self.unconstrained) + first.eps
+        self.lower = first.bias.new_zeros(k, n, n)
+        self.lower[:, lower_rows, lower_cols] = _stack(self.modules, "lower_entries")
+        self.lower.diagonal(dim1=1, dim2=2).fill_(1.0)
+        self.upper = first.bias.new_zeros(k, n, n)
+        self.upper[:, upper_rows, upper_cols] = _stack(self.modules, "upper_entries")
+        self.upper.diagonal(dim1=1, dim2=2).copy_(self.upper_diag)
+        self.permutation = torch.stack([m.permutation._permutation for m in self.modules])
+        inverse_permutation = torch.argsort(self.permutation, dim=1)  # the layer's input is x[:, permutation]
+        weight = torch.bmm(self.lower, self.upper).gather(2, inverse_permutation[:, None, :].expand(k, n, n))
+        return _Affine(weight, _stack(self.modules, "bias"), self.upper_diag.log().sum(1))
+
+    def grads(self, grad: _Affine) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = self.lower.shape[1]
+        lower_rows, lower_cols, upper_rows, upper_cols = _triangle_indices(n, self.lower.device)
+        grad_weight = grad.matrix.gather(2, self.permutation[:, None, :].expand_as(grad.matrix))
+        grad_lower = torch.bmm(grad_weight, self.upper.transpose(1, 2))
+        grad_upper = torch.bmm(self.lower.transpose(1, 2), grad_weight)
+        grad_diag = torch.diagonal(grad_upper, dim1=1, dim2=2) + grad.logdet[:, None] / self.upper_diag
+        grad_unconstrained = grad_diag * torch.sigmoid(self.unconstrained)
+        grad_lower_entries = grad_lower[:, lower_rows, lower_cols]
+        grad_upper_entries = grad_upper[:, upper_rows, upper_cols]
+        for i, m in enumerate(self.modules):
+            yield m.lower_entries, grad_lower_entries[i]
+            yield m.upper_entries, grad_upper_entries[i]
+            yield m.unconstrained_upper_diag, grad_unconstrained[i]
+            yield m.bias, grad.bias[i]
+
+
+class _ChannelGroup:
+    """Channel-linear steps with equal signatures (same layer types and sizes in the same
+    order), their maps built together: per layer position one stacked map, then composed.
+
+    ``build()`` (no grad) returns the stacked maps applied by the steps (direction included);
+    ``grads(grad_applied)`` carries the gradients of those maps to the layers' parameters by
+    hand (reverse of the composition, then of each layer's parametrisation): a few dozen
+    small ops per group, not per step, and no autograd graph.
+    """
+
+    def __init__(self, steps: list[_ChannelLinearStep]):
+        self.steps = steps
+        self.inverse = steps[0].inverse
+        positions = range(len(steps[0].modules))
+        self.layers = [
+            (_ActNormMaps if isinstance(steps[0].modules[j], ActNorm) else _OneByOneMaps)(
+                [step.modules[j] for step in steps]
+            )
+            for j in positions
+        ]
+
+    def build(self) -> tuple[_Affine, _Affine]:
+        """``(applied, forward)``: the maps in the direction computed and in data -> latent."""
+        self.layer_maps = [layer.build() for layer in self.layers]
+        self.inputs: list[_Affine | None] = [None]  # the composed map before each layer
+        total = self.layer_maps[0]
+        for layer in self.layer_maps[1:]:
+            self.inputs.append(total)
+            total = _Affine(
+                torch.bmm(layer.matrix, total.matrix),
+                torch.bmm(layer.matrix, total.bias.unsqueeze(2)).squeeze(2) + layer.bias,
+                total.logdet + layer.logdet,
+            )
+        self.forward = total
+        if not self.inverse:
+            return total, total
+        inverse = torch.linalg.inv(total.matrix)
+        self.applied = _Affine(inverse, -torch.bmm(inverse, total.bias.unsqueeze(2)).squeeze(2), -total.logdet)
+        return self.applied, total
+
+    def _forward_grad(self, grad: _Affine) -> _Affine:
+        """Gradient w.r.t. the data -> latent map from that w.r.t. the applied one
+        (``B = A^-1``, ``b = -B c``: ``dA = -B^T dB' B^T`` with ``dB' = dB - db c^T``)."""
+        if not self.inverse:
+            return grad
+        inverse, bias = self.applied.matrix, self.forward.bias
+        grad_inverse = grad.matrix - grad.bias.unsqueeze(2) * bias.unsqueeze(1)
+        grad_matrix = -torch.bmm(inverse.transpose(1, 2), torch.bmm(grad_inverse, inverse.transpose(1, 2)))
+        grad_bias = -torch.bmm(inverse.transpose(1, 2), grad.bias.unsqueeze(2)).squeeze(2)
+        return _Affine(grad_matrix, grad_bias, -grad.logdet)
+
+    def grads(self, grad_applied: _Affine) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        grad = self._forward_grad(grad_applied)
+        for j in range(len(self.layers) - 1, -1, -1):
+            before, layer = self.inputs[j], self.layer_maps[j]
+            if before is None:  # the first layer: its input map is the identity
+                grad_layer = grad
+            else:
+                grad_layer = _Affine(
+                    torch.bmm(grad.matrix, before.matrix.transpose(1, 2))
+                    + grad.bias.unsqueeze(2) * before.bias.unsqueeze(1),
+                    grad.bias,
+                    grad.logdet,
+                )
+                transposed = layer.matrix.transpose(1, 2)
+                grad = _Affine(
+                    torch.bmm(transposed, grad.matrix),
+                    torch.bmm(transposed, grad.bias.unsqueeze(2)).squeeze(2),
+                    grad.logdet,
+                )
+            yield from self.layers[j].grads(grad_layer)
+
+
+class _ChannelMaps:
+    """The maps of all ``_ChannelLinearStep``s of a plan, built in :class:`_ChannelGroup`s
+    (one per signature: a few dozen small ops per composite, not per step).
+
+    ``assign(backward=False)`` (forward pass) gives every step its ``(A, c, logdet)``;
+    ``assign(backward=True)`` (start of the backward pass) builds them again and adds the
+    maps that rebuild the inputs; ``backprop`` (end of the backward pass) carries every
+    step's ``dL/dA, dL/dc, dL/dlogdet`` to the parameters; ``release`` drops it all (nothing
+    but the plan is kept from the forward to the backward pass).
+    """
+
+    def __init__(self, steps: Sequence):
+        groups: dict[tuple, list[_ChannelLinearStep]] = {}
+        for step in steps:
+            if isinstance(step, _ChannelLinearStep):
+                groups.setdefault(step.signature(), []).append(step)
+        self._step_groups = list(groups.values())
+        self._built: list[_ChannelGroup] = []
+
+    def assign(self, backward: bool) -> None:
+        self._built = [_ChannelGroup(steps) for steps in self._step_groups]
+        with torch.no_grad():
+            for group in self._built:
+                applied, forward = group.build()
+                if not backward:
+                    rebuild = (None, None)
+                elif group.inverse:  # the applied map is A^-1: rebuild with A itself
+                    rebuild = (forward.matrix, forward.bias)
+                else:
+                    inverse = torch.linalg.inv(forward.matrix)
+                    rebuild = (inverse, -torch.bmm(inverse, forward.bias.unsqueeze(2)).squeeze(2))
+                for i, step in enumerate(group.steps):
+                    step.applied = _Affine(applied.matrix[i], applied.bias[i], applied.logdet[i])
+                    step.rebuild = None if rebuild[0] is None else (rebuild[0][i], rebuild[1][i])
+
+    def backprop(self, params: _ParamGrads) -> None:
+        with torch.no_grad():
+            for group in self._built:
+                if all(step.grads is not None for step in group.steps):
+                    grad = _Affine(*(torch.stack([step.grads[j] for step in group.steps]) for j in range(3)))
+                    params.add_pairs(group.grads(grad))
+
+    def release(self) -> None:
+        self._built = []
+        for steps in self._step_groups:
+            for step in steps:
+                step.applied = step.rebuild = step.grads = None
+
+
+# ----------------------------------------------------------------------------------------
+# Which step handles which transform.
+# ----------------------------------------------------------------------------------------
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _overrides(module: nn.Module, base: type, names: Iterable[str]) -> bool:
+    return any(getattr(type(module), name) is not getattr(base, name) for name in names)
+
+
+def _is_channel_linear(module: nn.Module) -> bool:
+    """nflows' own ``ActNorm`` / ``OneByOneConvolution`` (not overridden, no hooks)."""
+    if _has_hooks(module):
+        return False
+    if isinstance(module, ActNorm):
+        return not _overrides(module, ActNorm, ("forward", "inverse"))
+    return (
+        isinstance(module, OneByOneConvolution)
+        and not _overrides(module, OneByOneConvolution, ("forward", "inverse", "_lu_forward_inverse", "logabsdet"))
+        and not _overrides(module, OneByOneConvolution, ("_create_lower_upper", "forward_no_cache", "inverse_no_cache"))
+        and type(module.permutation).forward is Permutation.forward
+        and not _has_hooks(module.permutation)
+    )
+
+
+_COUPLING_PARTS = ("transform_net", "_coupling_transform_forward", "_coupling_transform_inverse", "features")
+
+
+def _is_fusable_coupling(module: nn.Module) -> bool:
+    """A coupling with nflows' split semantics: the parts of ``CouplingTransform`` present,
+    ``forward``/``inverse`` not overridden, no unconditional transform, no hooks."""
+    return (
+        isinstance(module, Transform)
+        and all(hasattr(module, name) for name in (*_COUPLING_PARTS, "identity_features", "transform_features"))
+        and getattr(module, "unconditional_transform", None) is None
+        and type(module).forward is CouplingTransform.forward
+        and type(module).inverse is CouplingTransform.inverse
+        and not _has_hooks(module)
+    )
+
+
+def _leaves(transforms: Iterable[Transform]) -> Iterator[Transform]:
+    """The transforms of nested (plain, hook-free) composites, in application order."""
+    for t in transforms:
+        flat = isinstance(t, MemorySavingComposite) or (
+            isinstance(t, CompositeTransform) and not _overrides(t, CompositeTransform, ("forward", "inverse"))
+        )
+        if flat and not _has_hooks(t):
+            yield from _leaves(t._transforms)
+        else:
+            yield t
+
+
+def _plan(transforms: Iterable[Transform], inverse: bool) -> list:
+    """The steps that compute the composite (in the direction computed)."""
+    groups: list[tuple[type, list]] = []
+    for t in _leaves(transforms):
+        if _is_channel_linear(t):
+            if groups and groups[-1][0] is _ChannelLinearStep:
+                groups[-1][1].append(t)
+            else:
+                groups.append((_ChannelLinearStep, [t]))
+        else:
+            groups.append((_CouplingStep if _is_fusable_coupling(t) else _GenericStep, [t]))
+    if inverse:
+        groups.reverse()
+    return [kind(modules if kind is _ChannelLinearStep else modules[0], inverse) for kind, modules in groups]
+
+
+class _ParamGrads:
+    """Gradients of the composite's parameters, accumulated step by step (a parameter shared
+    by several steps gets the sum)."""
+
+    def __init__(self, params: Sequence[torch.Tensor]):
+        self._index = {id(p): i for i, p in enumerate(params)}
+        self.grads: list[torch.Tensor | None] = [None] * len(params)
+
+    def wanted(self, modules: Iterable[nn.Module]) -> list[torch.Tensor]:
+        """The parameters of ``modules`` whose gradients are wanted, each once."""
+        found = {id(p): p for m in modules for p in m.parameters() if id(p) in self._index}
+        return list(found.values())
+
+    def add_pairs(self, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Add ``(parameter, gradient)`` pairs; parameters not wanted are skipped."""
+        for p, g in pairs:
+            i = self._index.get(id(p))
+            if i is not None:
+                self.grads[i] = g if self.grads[i] is None else self.grads[i] + g
+
+    def add(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
+        for p, g in zip(params, grads, strict=True):
+            if g is not None:
+                i = self._index[id(p)]
+                self.grads[i] = g if self.grads[i] is None else self.grads[i] + g
+
+
+def _recompute_mode(device_type: str, autocast) -> Callable[[], contextlib.AbstractContextManager]:
+    """A factory of the autocast context the forward ran in (for layers re-run in backward)."""
+    if autocast is None:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type, enabled=autocast[0], dtype=autocast[1])
+
+
+class _InvertibleSequence(torch.autograd.Function):
+    """``(outputs, logabsdet)`` of ``steps`` run in order; stores only ``outputs``.
+
+    ``steps``: ``_GenericStep`` / ``_CouplingStep`` / ``_ChannelLinearStep`` (``run`` in the
+    forward pass, ``backprop`` in the backward pass).  ``params`` are the composite's
+    parameters that require grad.  ``monitor`` is ``None`` or the composite: then ``inputs``
+    are stored too and the backward pass compares them with their reconstruction
+    (``monitor.max_reconstruction_error``).
     """
 
     @staticmethod
     def forward(ctx, steps, monitor, inputs, context, *params):  # runs under no_grad
         outputs = inputs
         total = inputs.new_zeros(inputs.shape[0])
-        for _, apply, _ in steps:
-            outputs, ladj = apply(outputs, context)
+        maps = _ChannelMaps(steps)
+        maps.assign(backward=False)
+        for step in steps:
+            outputs, ladj = step.run(outputs, context)
             total = total + ladj
+        maps.release()
+        ctx.maps = maps
         if _shares_storage(outputs, inputs):  # e.g. only reshapes: do not return a view of an input
             outputs = outputs.clone()
         ctx.steps = steps
@@ -141,54 +670,27 @@ class _InvertibleSequence(torch.autograd.Function):
         y = saved.pop(0).detach()
         true_inputs = saved.pop(0) if ctx.monitor is not None else None
         want_context = ctx.has_context and ctx.needs_input_grad[3]
-        if ctx.has_context:
-            context = saved.pop(0).detach().requires_grad_(want_context)
-        else:
-            context = ctx.context
-        index = {id(p): i for i, p in enumerate(ctx.params)}
-        param_grads: list[torch.Tensor | None] = [None] * len(ctx.params)
+        context = saved.pop(0).detach().requires_grad_(want_context) if ctx.has_context else ctx.context
+        params = _ParamGrads(ctx.params)
         context_grad = None
         grad_y = grad_outputs
-        device_type, autocast = ctx.autocast
-        recompute_mode = (
-            torch.autocast(device_type, enabled=autocast[0], dtype=autocast[1])
-            if autocast is not None
-            else contextlib.nullcontext()
-        )
-        steps = ctx.steps
-        for k in range(len(steps) - 1, -1, -1):
-            module, apply, rebuild = steps[k]
-            with torch.no_grad():
-                x, _ = rebuild(y, context)
-            need_x = k > 0 or ctx.needs_input_grad[2]
-            x = x.detach().requires_grad_(need_x)
-            step_params = [p for p in module.parameters() if id(p) in index]
-            wrt = ([x] if need_x else []) + step_params + ([context] if want_context else [])
-            with torch.enable_grad(), recompute_mode:
-                y_again, ladj = apply(x, context)
-            pairs = [(o, g) for o, g in ((y_again, grad_y), (ladj, grad_logabsdet)) if o.requires_grad]
-            if pairs and wrt:
-                grads = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
-            else:
-                grads = (None,) * len(wrt)
-            grads = list(grads)
-            if need_x:
-                g = grads.pop(0)
-                grad_y = g if g is not None else torch.zeros_like(x)
-            if want_context:
-                g = grads.pop()
-                if g is not None:
-                    context_grad = g if context_grad is None else context_grad + g
-            for p, g in zip(step_params, grads, strict=False):
-                if g is not None:
-                    i = index[id(p)]
-                    param_grads[i] = g if param_grads[i] is None else param_grads[i] + g
-            y = x.detach()
-            del y_again, ladj, pairs, grads
+        recompute = _recompute_mode(*ctx.autocast)
+        ctx.maps.assign(backward=True)
+        for k in range(len(ctx.steps) - 1, -1, -1):
+            step = ctx.steps[k]
+            need = _Need(k > 0 or ctx.needs_input_grad[2], want_context, params.wanted(step.modules), recompute)
+            rebuilt = step.backprop(y, grad_y, grad_logabsdet, context, need)
+            params.add(need.params, rebuilt.grad_params)
+            if rebuilt.grad_context is not None:
+                context_grad = rebuilt.grad_context if context_grad is None else context_grad + rebuilt.grad_context
+            y, grad_y = rebuilt.x, rebuilt.grad_x
+            del rebuilt
+        ctx.maps.backprop(params)
+        ctx.maps.release()
         if true_inputs is not None:
             _report_reconstruction(ctx.monitor, y, true_inputs)
         input_grad = grad_y if ctx.needs_input_grad[2] else None
-        return (None, None, input_grad, context_grad, *param_grads)
+        return (None, None, input_grad, context_grad, *params.grads)
 
 
 def _report_reconstruction(monitor, rebuilt: torch.Tensor, true_inputs: torch.Tensor) -> None:
@@ -306,14 +808,14 @@ class MemorySavingComposite(Transform):
         if self._actnorms_uninitialized():
             with torch.no_grad():  # data-dependent init, in order, on this batch
                 CompositeTransform._cascade(inputs, self._transforms, context)
-        steps = [(t, t, t.inverse) for t in self._transforms]
+        steps = _plan(self._transforms, inverse=False)
         return _InvertibleSequence.apply(steps, self._monitor(), inputs, context, *self._params())
 
     def inverse(self, inputs: torch.Tensor, context=None):
         if not self._wants_saving(inputs, context) or self._actnorms_uninitialized():
             funcs = (t.inverse for t in self._transforms[::-1])
             return CompositeTransform._cascade(inputs, funcs, context)
-        steps = [(t, t.inverse, t) for t in reversed(self._transforms)]
+        steps = _plan(self._transforms, inverse=True)
         return _InvertibleSequence.apply(steps, self._monitor(), inputs, context, *self._params())
 
     def _monitor(self):
