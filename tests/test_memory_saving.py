@@ -12,6 +12,7 @@ from nflows.transforms import (
     AffineCouplingTransform,
     CompositeTransform,
     OneByOneConvolution,
+    PiecewiseRationalQuadraticCouplingTransform,
     SqueezeTransform,
     Transform,
 )
@@ -27,7 +28,7 @@ from flowkit.layers import (
     checkerboard_mask,
     gated_conv_net,
 )
-from flowkit.layers.memory_saving import _InvertibleSequence, _plan
+from flowkit.layers.memory_saving import _CouplingStep, _InvertibleSequence, _plan
 from flowkit.models.glow import glow_step
 
 RTOL = 1e-10  # float64: relative to the largest entry of each gradient
@@ -382,6 +383,9 @@ def test_plan_fuses_known_layers_and_falls_back_for_others():
         "_ChannelLinearStep",
     ]
     assert plan_kinds(MemorySavingComposite(checkerboard_stack())) == ["_GenericStep"] * 4
+    for stack in (glow_stack, glow_with_clamped_coupling):  # hand-written elementwise gradients
+        steps = _plan(MemorySavingComposite(stack())._transforms, inverse=False)
+        assert all(s._scale_and_shift is not None for s in steps if isinstance(s, _CouplingStep))
 
 
 def test_hooks_and_overridden_forward_fall_back_to_the_generic_path():
@@ -422,6 +426,54 @@ def test_fused_gradients_match_plain_autograd(stack, loss, direction):
             assert_close(g_ref, g_got)
             reached += bool(g_ref.abs().max() > 0)
     assert reached >= len(ref[2]) // 2, "too few non-zero gradients: the test would not see an error"
+
+
+class _SoftplusCoupling(AffineCouplingTransform):
+    """A user's affine coupling with another scale: the elementwise map is not nflows' own, so
+    the fused step differentiates a rebuilt local graph instead of the hand-written gradients."""
+
+    def _coupling_transform_forward(self, inputs, transform_params):
+        scale = nn.functional.softplus(transform_params[:, self.num_transform_features :]) + 0.5
+        shift = transform_params[:, : self.num_transform_features]
+        return inputs * scale + shift, scale.log().flatten(1).sum(1)
+
+    def _coupling_transform_inverse(self, inputs, transform_params):
+        scale = nn.functional.softplus(transform_params[:, self.num_transform_features :]) + 0.5
+        shift = transform_params[:, : self.num_transform_features]
+        return (inputs - shift) / scale, -scale.log().flatten(1).sum(1)
+
+
+def spline_and_user_couplings() -> list[Transform]:
+    """nflows' rational-quadratic spline coupling and a user's affine subclass, on [B, D] data."""
+
+    def net(c_in, c_out):
+        return _ContextNet(c_in, c_out)
+
+    return [
+        ActNorm(4),
+        PiecewiseRationalQuadraticCouplingTransform([1, -1, 1, -1], net, num_bins=4, tails="linear", tail_bound=4.0),
+        _SoftplusCoupling([-1, 1, -1, 1], net),
+        ActNorm(4),
+        PiecewiseRationalQuadraticCouplingTransform([-1, -1, 1, 1], net, num_bins=4, tails="linear", tail_bound=4.0),
+    ]
+
+
+@pytest.mark.filterwarnings("ignore:Inputs to the softmax are not scaled down")
+@pytest.mark.parametrize("direction", ["forward", "inverse"])
+def test_fused_couplings_without_hand_written_gradients(direction):
+    torch.manual_seed(13)
+    plain, saving = pair(spline_and_user_couplings())
+    steps = _plan(saving._transforms, inverse=False)
+    kinds = [type(s).__name__ for s in steps]
+    assert kinds == ["_ChannelLinearStep", "_CouplingStep", "_CouplingStep", "_ChannelLinearStep", "_CouplingStep"]
+    assert all(s._scale_and_shift is None for s in steps if isinstance(s, _CouplingStep))  # the generic local graph
+    x = torch.randn(6, 4, dtype=torch.float64)
+    with torch.no_grad():
+        plain(x)
+        saving(x)
+    if direction == "inverse":
+        x = plain(x)[0].detach()
+    assert_same_run(run(plain, x, direction=direction), run(saving, x, direction=direction))
 
 
 def test_fused_coupling_with_context_and_2d_inputs():

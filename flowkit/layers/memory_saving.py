@@ -85,7 +85,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from nflows.transforms import ActNorm, CompositeTransform, OneByOneConvolution, Transform
-from nflows.transforms.coupling import CouplingTransform
+from nflows.transforms.coupling import AffineCouplingTransform, CouplingTransform
 from nflows.transforms.normalization import BatchNorm as _NflowsBatchNorm
 from nflows.transforms.permutations import Permutation
 from torch import nn
@@ -202,32 +202,79 @@ def _halves(module) -> _Halves:
     return _HALVES[module]
 
 
+def _scale_and_shift_of(module) -> Callable | None:
+    """``params -> (scale, shift)`` for a coupling whose elementwise map is known to be
+    ``y_b = x_b * scale + shift``, ``ladj = sum log scale`` (its gradients are then written
+    by hand); ``None`` for any other coupling (spline couplings, user subclasses that change
+    the map), which gets the generic local graph."""
+    cls = type(module)
+    if (
+        isinstance(module, AffineCouplingTransform)  # also AdditiveCouplingTransform (scale 1)
+        and cls._coupling_transform_forward is AffineCouplingTransform._coupling_transform_forward
+        and cls._coupling_transform_inverse is AffineCouplingTransform._coupling_transform_inverse
+    ):
+        return module._scale_and_shift
+    from flowkit.models.glow import ClampedAffineCoupling  # not at import: flowkit.models imports flowkit.layers
+
+    if (
+        isinstance(module, ClampedAffineCoupling)
+        and cls._coupling_transform_forward is ClampedAffineCoupling._coupling_transform_forward
+        and cls._coupling_transform_inverse is ClampedAffineCoupling._coupling_transform_inverse
+        and hasattr(module, "_log_scale_and_shift")
+    ):  # z_b = x_b * exp(s) + t, ladj = sum(s)
+
+        def scale_and_shift(params: torch.Tensor):
+            log_scale, shift = module._log_scale_and_shift(params)
+            return log_scale.exp(), shift
+
+        return scale_and_shift
+    return None
+
+
+def _affine_backward(inverse: bool, y_b, scale, shift, grad_b, grad_ladj):
+    """``(x_b, dL/dx_b, dL/dscale, dL/dshift)`` of ``y_b = x_b * scale + shift``,
+    ``ladj = sum log scale`` (``inverse``: ``y_b = (x_b - shift) / scale``, ``ladj = -sum log
+    scale``), with ``x_b`` rebuilt from ``y_b``."""
+    grad_ladj = grad_ladj.view(-1, *[1] * (y_b.dim() - 1))
+    if not inverse:
+        x_b = (y_b - shift) / scale
+        return x_b, grad_b * scale, grad_b * x_b + grad_ladj / scale, grad_b
+    x_b = y_b * scale + shift
+    grad_x_b = grad_b / scale
+    return x_b, grad_x_b, -(grad_x_b * y_b) - grad_ladj / scale, -grad_x_b
+
+
 class _CouplingStep:
     """A coupling ``y_a = x_a, y_b = g(x_b; net(x_a, context))`` (nflows' ``CouplingTransform``
     contract: ``transform_net``, ``_coupling_transform_forward/_inverse``, identity and
     transform feature indices; nflows' affine/additive couplings, flowkit's
-    ``ClampedAffineCoupling``).
+    ``ClampedAffineCoupling``, nflows' spline couplings).
 
-    The backward pass runs the net once, with grad, on ``x_a = y_a``; the same parameters
-    rebuild ``x_b = g^-1(y_b)`` (no grad) and rebuild the local graph of ``g`` (elementwise,
-    cheap), so the net's inverse-pass call of the generic path disappears (the fused
-    inverse + recompute of reversible-network libraries: RevTorch, MemCNN, FrEIA).
+    The backward pass runs the net once, with grad, on ``x_a = y_a`` (the fused inverse +
+    recompute of reversible-network libraries: RevTorch, MemCNN, FrEIA); its output rebuilds
+    ``x_b = g^-1(y_b)`` without a second net call.  For affine maps ``g`` (scale and shift)
+    the elementwise gradients are written by hand and one autograd call goes from
+    ``(scale, shift)`` through the net; for other maps the local graph of ``g`` is rebuilt
+    from ``x_b`` and differentiated with the net.
     """
 
     def __init__(self, module, inverse: bool):
         self.modules = (module,)
         self.module = module
+        self.inverse = inverse
         forward, backward = module._coupling_transform_forward, module._coupling_transform_inverse
         self._apply, self._rebuild = (backward, forward) if inverse else (forward, backward)
+        self._halves = _halves(module)
+        self._scale_and_shift = _scale_and_shift_of(module)
 
     def _split(self, x: torch.Tensor):
-        halves = _halves(self.module)
+        halves = self._halves
         if halves.identity is None:
             return x.index_select(1, self.module.identity_features), x.index_select(1, self.module.transform_features)
         return x[:, halves.identity], x[:, halves.transform]
 
     def _merge(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        halves = _halves(self.module)
+        halves = self._halves
         if halves.identity is None:
             out = a.new_empty((a.shape[0], a.shape[1] + b.shape[1], *a.shape[2:]))
             out[:, self.module.identity_features] = a
@@ -247,20 +294,39 @@ class _CouplingStep:
 
     def backprop(self, y, grad_y, grad_ladj, context, need: _Need) -> _Rebuilt:
         y_a, y_b = self._split(y)
+        grad_a, grad_b = self._split(grad_y)
         x_a = y_a.contiguous().requires_grad_(need.x)  # the unchanged half: x_a = y_a
         with torch.enable_grad(), need.recompute():
             params = self.module.transform_net(x_a, context)  # the one net call of this backward
+            if self._scale_and_shift is not None:
+                scale, shift = self._scale_and_shift(params)
+        if self._scale_and_shift is not None:
             with torch.no_grad():
-                x_b, _ = self._rebuild(y_b, params.detach())
-            x_b.requires_grad_(need.x)
-            y_b_again, ladj = self._apply(x_b, params)
-        grad_a, grad_b = self._split(grad_y)
-        grad_xs, grad_params, grad_context = _vjp((y_b_again, ladj), (grad_b, grad_ladj), [x_a, x_b], context, need)
+                x_b, grad_x_b, grad_scale, grad_shift = _affine_backward(
+                    self.inverse, y_b, scale, shift, grad_b, grad_ladj
+                )
+            grad_xs, grad_params, grad_context = _vjp((scale, shift), (grad_scale, grad_shift), [x_a], context, need)
+        else:
+            x_b, (grad_xs, grad_params, grad_context) = self._local_graph(
+                y_b, params, grad_b, grad_ladj, [x_a], context, need
+            )
+            grad_x_b = grad_xs.pop() if need.x else None
         grad_x = None
         if need.x:
             through_net = grad_xs[0]
-            grad_x = self._merge(grad_a if through_net is None else grad_a + through_net, _or_zeros(grad_xs[1], x_b))
+            grad_x = self._merge(grad_a if through_net is None else grad_a + through_net, _or_zeros(grad_x_b, x_b))
         return _Rebuilt(self._merge(x_a.detach(), x_b.detach()), grad_x, grad_params, grad_context)
+
+    def _local_graph(self, y_b, params, grad_b, grad_ladj, inputs, context, need: _Need):
+        """Any elementwise map: rebuild ``x_b``, re-run the map on it with grad, differentiate
+        it together with the net.  Returns ``(x_b, _vjp(...))`` with ``x_b``'s gradient last
+        among the input gradients."""
+        with torch.no_grad():
+            x_b, _ = self._rebuild(y_b, params.detach())
+        x_b.requires_grad_(need.x)
+        with torch.enable_grad(), need.recompute():
+            y_b_again, ladj = self._apply(x_b, params)
+        return x_b, _vjp((y_b_again, ladj), (grad_b, grad_ladj), [*inputs, x_b], context, need)
 
 
 def _channel_affine(matrix: torch.Tensor, bias: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -594,6 +660,20 @@ def _plan(transforms: Iterable[Transform], inverse: bool) -> list:
     return [kind(modules if kind is _ChannelLinearStep else modules[0], inverse) for kind, modules in groups]
 
 
+def _fused_actnorms_uninitialized(steps: Sequence) -> bool:
+    """Whether an ``ActNorm`` whose forward the plan bypasses still waits for its data-dependent
+    init (others, e.g. inside a coupling net or a generic step, initialise themselves when the
+    forward pass calls them)."""
+    flags = [
+        m.initialized
+        for step in steps
+        if isinstance(step, _ChannelLinearStep)
+        for m in step.modules
+        if isinstance(m, ActNorm)
+    ]
+    return bool(flags) and not bool(torch.stack([f.to(torch.bool) for f in flags]).all())
+
+
 class _ParamGrads:
     """Gradients of the composite's parameters, accumulated step by step (a parameter shared
     by several steps gets the sum)."""
@@ -795,27 +875,23 @@ class MemorySavingComposite(Transform):
             return True
         return any(p.requires_grad for p in self.parameters())
 
-    def _actnorms_uninitialized(self) -> bool:
-        flags = [m.initialized for m in self.modules() if isinstance(m, ActNorm)]
-        return bool(flags) and not bool(torch.stack([f.to(torch.bool) for f in flags]).all())
-
     def _params(self) -> tuple[torch.Tensor, ...]:
         return tuple(p for p in self.parameters() if p.requires_grad)
 
     def forward(self, inputs: torch.Tensor, context=None):
         if not self._wants_saving(inputs, context):
             return CompositeTransform._cascade(inputs, self._transforms, context)
-        if self._actnorms_uninitialized():
+        steps = _plan(self._transforms, inverse=False)
+        if _fused_actnorms_uninitialized(steps):
             with torch.no_grad():  # data-dependent init, in order, on this batch
                 CompositeTransform._cascade(inputs, self._transforms, context)
-        steps = _plan(self._transforms, inverse=False)
         return _InvertibleSequence.apply(steps, self._monitor(), inputs, context, *self._params())
 
     def inverse(self, inputs: torch.Tensor, context=None):
-        if not self._wants_saving(inputs, context) or self._actnorms_uninitialized():
+        steps = _plan(self._transforms, inverse=True) if self._wants_saving(inputs, context) else None
+        if steps is None or _fused_actnorms_uninitialized(steps):
             funcs = (t.inverse for t in self._transforms[::-1])
             return CompositeTransform._cascade(inputs, funcs, context)
-        steps = _plan(self._transforms, inverse=True)
         return _InvertibleSequence.apply(steps, self._monitor(), inputs, context, *self._params())
 
     def _monitor(self):
