@@ -80,6 +80,7 @@ import functools
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import repeat
 from typing import NamedTuple
 
 import torch
@@ -396,7 +397,7 @@ class _Affine(NamedTuple):
 
 
 def _stack(modules: Sequence[nn.Module], name: str) -> torch.Tensor:
-    return torch.stack([getattr(m, name).detach() for m in modules])
+    return torch.stack([getattr(m, name) for m in modules])  # called under no_grad
 
 
 @functools.lru_cache(maxsize=64)
@@ -564,15 +565,16 @@ class _ChannelMaps:
             for group in self._built:
                 applied, forward = group.build()
                 if not backward:
-                    rebuild = (None, None)
+                    rebuild = ()
                 elif group.inverse:  # the applied map is A^-1: rebuild with A itself
                     rebuild = (forward.matrix, forward.bias)
                 else:
                     inverse = torch.linalg.inv(forward.matrix)
                     rebuild = (inverse, -torch.bmm(inverse, forward.bias.unsqueeze(2)).squeeze(2))
-                for i, step in enumerate(group.steps):
-                    step.applied = _Affine(applied.matrix[i], applied.bias[i], applied.logdet[i])
-                    step.rebuild = None if rebuild[0] is None else (rebuild[0][i], rebuild[1][i])
+                per_step = zip(*(t.unbind(0) for t in applied), strict=True)
+                rebuilds = zip(*(t.unbind(0) for t in rebuild), strict=True) if backward else repeat(None)
+                for step, maps, rebuild_maps in zip(group.steps, per_step, rebuilds, strict=False):
+                    step.applied, step.rebuild = _Affine(*maps), rebuild_maps
 
     def backprop(self, params: _ParamGrads) -> None:
         with torch.no_grad():
