@@ -159,6 +159,7 @@ class _GenericStep:
 
     def __init__(self, module: Transform, inverse: bool):
         self.modules = (module,)
+        self.params: list[torch.Tensor] = []  # set by _collect_parameters
         self._apply, self._rebuild = (module.inverse, module) if inverse else (module, module.inverse)
 
     def run(self, x: torch.Tensor, context):
@@ -261,6 +262,7 @@ class _CouplingStep:
 
     def __init__(self, module, inverse: bool):
         self.modules = (module,)
+        self.params: list[torch.Tensor] = []  # set by _collect_parameters
         self.module = module
         self.inverse = inverse
         forward, backward = module._coupling_transform_forward, module._coupling_transform_inverse
@@ -350,6 +352,7 @@ class _ChannelLinearStep:
 
     def __init__(self, modules: Sequence[Transform], inverse: bool):
         self.modules = tuple(modules)
+        self.params: list[torch.Tensor] = []  # set by _collect_parameters
         self.inverse = inverse
         self._four_d = any(isinstance(m, OneByOneConvolution) for m in modules)
         self.applied: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (A, c, logdet), no grad
@@ -357,9 +360,12 @@ class _ChannelLinearStep:
         self.grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # of (A, c, logdet)
 
     def signature(self) -> tuple:
-        """Runs with equal signatures are built together (same layer types and sizes)."""
+        """Runs with equal signatures are built together (same layer types, sizes, dtypes)."""
         return tuple(
-            (type(m), m.log_scale.shape if isinstance(m, ActNorm) else (m.features, m.eps)) for m in self.modules
+            (type(m), m.shift.shape, m.shift.dtype, m.shift.device)
+            if isinstance(m, ActNorm)
+            else (type(m), m.features, m.eps, m.bias.dtype, m.bias.device)
+            for m in self.modules
         )
 
     def _check(self, x: torch.Tensor) -> None:
@@ -612,7 +618,7 @@ def _is_channel_linear(module: nn.Module) -> bool:
     return (
         isinstance(module, OneByOneConvolution)
         and not _overrides(module, OneByOneConvolution, ("forward", "inverse", "_lu_forward_inverse", "logabsdet"))
-        and not _overrides(module, OneByOneConvolution, ("_create_lower_upper", "forward_no_cache", "inverse_no_cache"))
+        and not _overrides(module, OneByOneConvolution, ("_create_lower_upper", "upper_diag", "weight"))
         and type(module.permutation).forward is Permutation.forward
         and not _has_hooks(module.permutation)
     )
@@ -662,6 +668,17 @@ def _plan(transforms: Iterable[Transform], inverse: bool) -> list:
     return [kind(modules if kind is _ChannelLinearStep else modules[0], inverse) for kind, modules in groups]
 
 
+def _collect_parameters(steps: Sequence) -> tuple[torch.Tensor, ...]:
+    """Set each step's ``params`` (its parameters that require grad, each once) and return
+    all of them, each once, in order."""
+    found: dict[int, torch.Tensor] = {}
+    for step in steps:
+        mine = {id(p): p for m in step.modules for p in m.parameters() if p.requires_grad}
+        step.params = list(mine.values())
+        found.update(mine)
+    return tuple(found.values())
+
+
 def _fused_actnorms_uninitialized(steps: Sequence) -> bool:
     """Whether an ``ActNorm`` whose forward the plan bypasses still waits for its data-dependent
     init (others, e.g. inside a coupling net or a generic step, initialise themselves when the
@@ -683,11 +700,6 @@ class _ParamGrads:
     def __init__(self, params: Sequence[torch.Tensor]):
         self._index = {id(p): i for i, p in enumerate(params)}
         self.grads: list[torch.Tensor | None] = [None] * len(params)
-
-    def wanted(self, modules: Iterable[nn.Module]) -> list[torch.Tensor]:
-        """The parameters of ``modules`` whose gradients are wanted, each once."""
-        found = {id(p): p for m in modules for p in m.parameters() if id(p) in self._index}
-        return list(found.values())
 
     def add_pairs(self, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Add ``(parameter, gradient)`` pairs; parameters not wanted are skipped."""
@@ -760,7 +772,7 @@ class _InvertibleSequence(torch.autograd.Function):
         ctx.maps.assign(backward=True)
         for k in range(len(ctx.steps) - 1, -1, -1):
             step = ctx.steps[k]
-            need = _Need(k > 0 or ctx.needs_input_grad[2], want_context, params.wanted(step.modules), recompute)
+            need = _Need(k > 0 or ctx.needs_input_grad[2], want_context, step.params, recompute)
             rebuilt = step.backprop(y, grad_y, grad_logabsdet, context, need)
             params.add(need.params, rebuilt.grad_params)
             if rebuilt.grad_context is not None:
@@ -870,31 +882,33 @@ class MemorySavingComposite(Transform):
     def __len__(self) -> int:
         return len(self._transforms)
 
-    def _wants_saving(self, inputs: torch.Tensor, context) -> bool:
+    def _saving_plan(self, inputs: torch.Tensor, context, inverse: bool):
+        """``(steps, parameters)`` of the memory-saving path, or ``None`` where the plain
+        composite runs: not training, grad disabled, or nothing that requires grad."""
         if not (self.training and torch.is_grad_enabled()):
-            return False
-        if inputs.requires_grad or (isinstance(context, torch.Tensor) and context.requires_grad):
-            return True
-        return any(p.requires_grad for p in self.parameters())
-
-    def _params(self) -> tuple[torch.Tensor, ...]:
-        return tuple(p for p in self.parameters() if p.requires_grad)
+            return None
+        steps = _plan(self._transforms, inverse)
+        params = _collect_parameters(steps)
+        if params or inputs.requires_grad or (isinstance(context, torch.Tensor) and context.requires_grad):
+            return steps, params
+        return None
 
     def forward(self, inputs: torch.Tensor, context=None):
-        if not self._wants_saving(inputs, context):
+        plan = self._saving_plan(inputs, context, inverse=False)
+        if plan is None:
             return CompositeTransform._cascade(inputs, self._transforms, context)
-        steps = _plan(self._transforms, inverse=False)
+        steps, params = plan
         if _fused_actnorms_uninitialized(steps):
             with torch.no_grad():  # data-dependent init, in order, on this batch
                 CompositeTransform._cascade(inputs, self._transforms, context)
-        return _InvertibleSequence.apply(steps, self._monitor(), inputs, context, *self._params())
+        return _InvertibleSequence.apply(steps, self._monitor(), inputs, context, *params)
 
     def inverse(self, inputs: torch.Tensor, context=None):
-        steps = _plan(self._transforms, inverse=True) if self._wants_saving(inputs, context) else None
-        if steps is None or _fused_actnorms_uninitialized(steps):
+        plan = self._saving_plan(inputs, context, inverse=True)
+        if plan is None or _fused_actnorms_uninitialized(plan[0]):
             funcs = (t.inverse for t in self._transforms[::-1])
             return CompositeTransform._cascade(inputs, funcs, context)
-        return _InvertibleSequence.apply(steps, self._monitor(), inputs, context, *self._params())
+        return _InvertibleSequence.apply(plan[0], self._monitor(), inputs, context, *plan[1])
 
     def _monitor(self):
         return None if self.max_reconstruction_error is None else self
