@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -518,9 +519,11 @@ def test_backward_calls_each_coupling_net_once():
     assert sorted(map(id, calls)) == sorted(map(id, nets))  # backward: exactly one call each
 
 
-def test_channel_run_rejects_wrong_rank():
+@pytest.mark.parametrize("shape", [(2, 4), (2, 6, 3, 3)])
+def test_channel_run_rejects_wrong_shape(shape):
     saving = MemorySavingComposite([ActNorm(4), OneByOneConvolution(4)]).double()
     with torch.no_grad():
         saving(torch.randn(2, 4, 3, 3, dtype=torch.float64))
-    with pytest.raises(ValueError, match=r"inputs: .*OneByOneConvolution expects a 4-D tensor, got shape \(2, 4\)"):
-        saving(torch.randn(2, 4, dtype=torch.float64, requires_grad=True))
+    expected = r"inputs: ActNorm/OneByOneConvolution expects a 4-D tensor with 4 channels, got shape "
+    with pytest.raises(ValueError, match=expected + re.escape(str(shape))):
+        saving(torch.randn(*shape, dtype=torch.float64, requires_grad=True))

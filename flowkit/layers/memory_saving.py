@@ -185,9 +185,8 @@ class _Halves(NamedTuple):
     transform: slice | None
 
 
-_HALVES: weakref.WeakKeyDictionary = (
-    weakref.WeakKeyDictionary()
-)  # module -> _Halves (read once: no device sync per call)
+# module -> _Halves, read once per module (reading the index buffers would sync a GPU every call)
+_HALVES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _as_range(index: torch.Tensor) -> slice | None:
@@ -339,6 +338,15 @@ def _channel_affine(matrix: torch.Tensor, bias: torch.Tensor, x: torch.Tensor) -
     return out.view((x.shape[0], matrix.shape[0], *x.shape[2:]))
 
 
+class _Affine(NamedTuple):
+    """K stacked per-pixel affine maps ``y = A x + c``: ``matrix [K, C, C]``, ``bias [K, C]``
+    and ``logdet [K] = log|det A|``."""
+
+    matrix: torch.Tensor
+    bias: torch.Tensor
+    logdet: torch.Tensor
+
+
 class _ChannelLinearStep:
     """A run of ``ActNorm`` / ``OneByOneConvolution`` layers: ``y = A x + c`` at every pixel,
     ``ladj = H * W * log|det A|``, with ``A`` one ``C x C`` matrix for the whole run (ActNorm
@@ -368,16 +376,15 @@ class _ChannelLinearStep:
             for m in self.modules
         )
 
-    def _check(self, x: torch.Tensor) -> None:
+    def run(self, x: torch.Tensor, context):
+        matrix, bias, logdet = self.applied
         dims = (4,) if self._four_d else (2, 4)
-        if x.dim() not in dims:
+        if x.dim() not in dims or x.shape[1] != matrix.shape[1]:
             names = "/".join(sorted({type(m).__name__ for m in self.modules}))
             expected = " or ".join(f"{d}-D" for d in dims)
-            raise ValueError(f"inputs: {names} expects a {expected} tensor, got shape {tuple(x.shape)}")
-
-    def run(self, x: torch.Tensor, context):
-        self._check(x)
-        matrix, bias, logdet = self.applied
+            raise ValueError(
+                f"inputs: {names} expects a {expected} tensor with {matrix.shape[1]} channels, got shape {tuple(x.shape)}"
+            )
         return _channel_affine(matrix, bias, x), (logdet * x[0, 0].numel()).expand(x.shape[0])
 
     def backprop(self, y, grad_y, grad_ladj, context, need: _Need) -> _Rebuilt:
@@ -391,15 +398,6 @@ class _ChannelLinearStep:
             grads = (torch.bmm(g3, x3.transpose(1, 2)).sum(0), g3.sum((0, 2)), grad_ladj.sum() * x3.shape[2])
         self.grads = tuple(g.to(matrix.dtype) for g in grads)
         return _Rebuilt(x, grad_x, [None] * len(need.params), None)
-
-
-class _Affine(NamedTuple):
-    """K stacked per-pixel affine maps ``y = A x + c``: ``matrix [K, C, C]``, ``bias [K, C]``
-    and ``logdet [K] = log|det A|``."""
-
-    matrix: torch.Tensor
-    bias: torch.Tensor
-    logdet: torch.Tensor
 
 
 def _stack(modules: Sequence[nn.Module], name: str) -> torch.Tensor:
