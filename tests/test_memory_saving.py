@@ -527,3 +527,8 @@ def test_channel_run_rejects_wrong_shape(shape):
     expected = r"inputs: ActNorm/OneByOneConvolution expects a 4-D tensor with 4 channels, got shape "
     with pytest.raises(ValueError, match=expected + re.escape(str(shape))):
         saving(torch.randn(*shape, dtype=torch.float64, requires_grad=True))
+
+
+def test_max_reconstruction_error_of_the_wrong_type():
+    with pytest.raises(TypeError, match="max_reconstruction_error: expected a number, got str"):
+        MemorySavingComposite([ActNorm(2)], max_reconstruction_error="1e-3")

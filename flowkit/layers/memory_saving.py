@@ -3,11 +3,45 @@
 :class:`MemorySavingComposite` computes exactly what ``nflows.transforms.CompositeTransform``
 computes, ``z = f_K(... f_1(x))`` and ``logabsdet = sum_k log|det J_{f_k}|``, but in training
 it keeps only the final output.  In the backward pass it walks the steps in reverse, rebuilds
-each step's input from its output, ``x_{k-1} = f_k^{-1}(x_k)``, re-runs ``f_k`` on it with
-grad enabled and backpropagates the incoming gradients of ``z`` and ``logabsdet`` through that
-one step (Gomez et al., 2017, "The Reversible Residual Network"; the memory argument of
-Kingma & Dhariwal, 2018, Glow).  Memory for activations is then one step's worth instead of
-``K`` steps' worth; the price is one extra inverse and one extra forward per step.
+each step's input from its output, ``x_{k-1} = f_k^{-1}(x_k)``, and backpropagates the
+incoming gradients of ``z`` and ``logabsdet`` through that one step (Gomez et al., 2017, "The
+Reversible Residual Network"; the memory argument of Kingma & Dhariwal, 2018, Glow).  Memory
+for activations is then one step's worth instead of ``K`` steps' worth.
+
+What a step costs in the backward pass depends on the layer (nested ``CompositeTransform``\\s,
+e.g. flowkit's ``glow_step``, are flattened first):
+
+* **Couplings** (nflows' ``CouplingTransform`` contract: ``transform_net``,
+  ``_coupling_transform_forward/_inverse``, identity/transform features, no unconditional
+  transform; nflows' affine, additive and spline couplings, flowkit's
+  ``ClampedAffineCoupling``): the inverse needs the net on the unchanged half ``x_a = y_a``,
+  which is also what the recomputed forward needs, so the two are fused as reversible-network
+  libraries (RevTorch, MemCNN, FrEIA) do: one net call with grad on ``y_a`` gives the
+  parameters that rebuild ``x_b = g^-1(y_b)`` and the local graph; for affine maps
+  (``y_b = x_b * scale + shift``) the elementwise gradients are written by hand.
+* **Runs of ActNorm / OneByOneConvolution** (nflows' own): one ``C x C`` map ``y = A x + c``
+  per run, built for all runs of a composite at once; backward ``x = A^-1 (y - c)``,
+  ``dL/dx = A^T dL/dy``, ``dL/dA = sum dL/dy x^T`` and the chain to the parameters by hand,
+  no recomputed forward and no autograd graph.
+* **Anything else** (a user's layer, ``SqueezeTransform``, flowkit's ``MaskedAffineCoupling``,
+  a subclass that overrides ``forward``/``inverse``, a layer with forward hooks): the generic
+  walk, ``inverse`` under no_grad, then the step re-run with grad and differentiated.
+
+So a training step costs the plain step plus about one no-grad forward of the nets.  Measured
+with ``.venv/bin/python benchmarks/bench_memory.py`` (Glow on 32x32x3, 3 levels, hidden 16,
+1 gated block, batch 4, 1 thread, plain and memory-saving steps interleaved, medians of 7, CPU
+time; a 2-core machine shared with other jobs):
+
+===========  ===============  ===============  ======================  =====================
+steps/level  saved MB plain   saved MB saving  step time ratio, before  step time ratio, now
+===========  ===============  ===============  ======================  =====================
+4            5.3              0.13             2.02                    1.32
+8            10.5             0.13             2.06                    1.25
+16           21.0             0.13             1.95                    1.23
+32           41.9             0.13             1.94                    1.23
+===========  ===============  ===============  ======================  =====================
+
+("before": every step rebuilt with its ``inverse`` and re-run, two net calls per coupling.)
 
 Rules:
 
@@ -21,50 +55,53 @@ Rules:
 * The memory-saving path runs only when it can matter: module in ``train()`` mode, grad
   enabled, and something (inputs, context or a parameter) requiring grad.  Everything
   else (``eval()``, ``torch.no_grad()``) runs the plain composite.
-* ActNorm's data-dependent init: if an ``ActNorm`` inside is uninitialised when a training
-  forward arrives, the composite first runs one plain forward under ``torch.no_grad()``
-  (which initialises every ActNorm on this batch, in order, exactly as the plain composite
-  would) and then the memory-saving pass.  In the ``inverse`` direction an uninitialised
-  ActNorm makes the call fall back to the plain composite (nflows initialises ActNorm
-  only in ``forward``).
+* ActNorm's data-dependent init: if an ``ActNorm`` of a fused run is uninitialised when a
+  training forward arrives, the composite first runs one plain forward under
+  ``torch.no_grad()`` (which initialises every ActNorm on this batch, in order, exactly as the
+  plain composite would) and then the memory-saving pass.  In the ``inverse`` direction it
+  falls back to the plain composite instead (nflows initialises ActNorm only in ``forward``).
 * ``context`` is passed to every step; its gradient is returned when it requires grad.
 * Parameters get their gradients through the autograd graph (they are inputs of the
   custom ``autograd.Function``), so optimisers, ``clip_grad_norm_`` and
-  DistributedDataParallel's gradient hooks see them as usual.  Double backward
-  (``create_graph=True``) is not supported.  Module forward hooks of the steps run twice
-  per training step (forward and recompute).  Autocast state is recorded in the forward
-  and restored for the recompute.
+  DistributedDataParallel's gradient hooks see them as usual.  A parameter the loss cannot
+  reach gets a zero gradient where plain autograd leaves ``None``.  Double backward
+  (``create_graph=True``) is not supported.  A layer with forward hooks takes the generic
+  path, whose hooks run twice per training step (forward and recompute); a coupling net's
+  hooks run twice too (forward and the one backward call).  Autocast state is recorded in
+  the forward and restored for the nets re-run in the backward pass; inputs are rebuilt in
+  full precision.
 * ``state_dict`` keys are those of ``CompositeTransform`` (``_transforms.<i>....``), so a
   checkpoint moves between the plain and the memory-saving model.
 
 Numerical drift.  The rebuilt inputs ``f^-1(f(x))`` differ from the true ones by round-off,
 and the reverse walk compounds it by the condition numbers of the steps.  Measured with
-``python benchmarks/bench_memory.py --drift`` on a 2-core CPU: K Glow steps (nflows
-``ActNorm -> OneByOneConvolution -> AffineCouplingTransform`` with ``gated_conv_net(16, 1)``)
-on ``[4, 8, 8, 8]`` inputs, parameters perturbed with ``perturb_parameters(scale=p)``
-(larger ``p``: couplings further from the identity, worse conditioned), ActNorm initialised
-on the batch, loss = mean NLL under N(0, I).  "grad" = max over the input and every
-parameter of ``max|g_saving - g_plain| / max|g_plain|``; "roundtrip" =
-``max|f^-1(f(x)) - x| / max|x|`` of the whole stack; "f32 itself" = plain float32 vs plain
-float64 gradients (float32's own error, for scale):
+``python benchmarks/bench_memory.py --drift --drift-scales 0.01 0.03 0.1``: K Glow steps
+(nflows ``ActNorm -> OneByOneConvolution -> AffineCouplingTransform`` with
+``gated_conv_net(16, 1)``) on ``[4, 8, 8, 8]`` inputs, parameters perturbed with
+``perturb_parameters(scale=p)`` (larger ``p``: couplings further from the identity, worse
+conditioned), ActNorm initialised on the batch, loss = mean NLL under N(0, I).  Each error is
+the max over the input and every parameter of ``max|g - g_ref| / max|g_ref|``: "saving32" and
+"plain32" are memory-saving and plain float32 gradients against plain float64 ones (the
+error a user gets, and float32's own), "saving64" memory-saving against plain in float64;
+"roundtrip" = ``max|f^-1(f(x)) - x| / max|x|`` of the whole stack:
 
-===  ===  ==========  ==========  ============  ============  ==========
-p    K    grad f32    grad f64    roundtrip32   roundtrip64   f32 itself
-===  ===  ==========  ==========  ============  ============  ==========
-.01  8    1.2e-06     3.3e-16     4.0e-07       1.1e-15       3.5e-06
-.01  32   1.6e-06     1.1e-15     9.2e-07       2.0e-15       5.7e-06
-.01  64   2.5e-06     1.7e-15     1.5e-06       3.6e-15       8.0e-06
-.03  8    8.4e-07     7.2e-16     7.6e-07       1.2e-15       1.6e-06
-.03  32   8.8e-06     8.1e-15     7.5e-06       1.2e-14       2.5e-06
-.03  64   2.8e-04     1.8e-13     2.1e-04       3.6e-13       4.9e-06
-.1   8    6.4e-05     1.2e-13     1.1e-04       2.6e-13       2.3e-06
-.1   32   9.4e+02     8.7e-05     8.6e+03       1.4e-04       4.8e-05
-.1   64   9.8e+06     2.9e+04     4.1e+10       1.6e+05       3.4e-04
-===  ===  ==========  ==========  ============  ============  ==========
+===  ===  ==========  ==========  ==========  ============  ============
+p    K    saving32    plain32     saving64    roundtrip32   roundtrip64
+===  ===  ==========  ==========  ==========  ============  ============
+.01  8    4.5e-06     3.5e-06     7.1e-15     4.6e-07       8.6e-16
+.01  32   3.8e-06     4.8e-06     7.6e-15     1.1e-06       2.0e-15
+.01  64   4.8e-06     8.3e-06     1.1e-14     1.7e-06       3.3e-15
+.03  8    1.8e-06     1.3e-06     2.0e-15     5.9e-07       1.3e-15
+.03  32   1.9e-05     2.9e-06     1.6e-14     7.4e-06       1.2e-14
+.03  64   2.8e-04     8.6e-06     4.5e-13     1.7e-04       3.4e-13
+.1   8    9.9e-05     2.7e-06     1.7e-13     1.7e-04       3.8e-13
+.1   32   2.4e+02     2.1e-05     8.7e-05     2.9e+03       4.5e-04
+.1   64   3.6e+09     1.5e-04     1.2e+03     4.1e+10       8.1e+04
+===  ===  ==========  ==========  ==========  ============  ============
 
-So: with well-conditioned steps the float32 drift stays at the level of float32's own
-error even at 64 steps (float64 agrees to ~1e-15); but the drift tracks the stack's
-round-trip error, and a stack whose steps contract strongly (nflows' affine scale
+So: with well-conditioned steps the float32 gradients are as accurate as plain float32 ones
+even at 64 steps (float64 agrees to ~1e-14); but the drift tracks the stack's round-trip
+error, and a stack whose steps contract strongly (nflows' affine scale
 ``sigmoid(h + 2) + 1e-3`` can reach 1e-3) becomes numerically non-invertible: at p=0.1
 and 32 steps float32 gradients are garbage, and at 64 steps even float64 fails.  Guard
 against it with ``max_reconstruction_error`` (checks the rebuilt input in every backward
@@ -90,6 +127,8 @@ from nflows.transforms.coupling import AffineCouplingTransform, CouplingTransfor
 from nflows.transforms.normalization import BatchNorm as _NflowsBatchNorm
 from nflows.transforms.permutations import Permutation
 from torch import nn
+
+from flowkit.validation import check_float
 
 __all__ = ["MemorySavingComposite"]
 
@@ -140,10 +179,9 @@ def _vjp(outputs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], inputs:
     ``None`` where unused; ``inputs`` are differentiated only if ``need.x``."""
     wrt = (inputs if need.x else []) + need.params + ([context] if need.context else [])
     pairs = [(o, g) for o, g in zip(outputs, grads, strict=True) if o.requires_grad]
+    found: list[torch.Tensor | None] = [None] * len(wrt)
     if pairs and wrt:
         found = list(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True))
-    else:
-        found = [None] * len(wrt)
     context_grad = found.pop() if need.context else None
     n = len(inputs) if need.x else 0
     return found[:n], found[n:], context_grad
@@ -363,9 +401,10 @@ class _ChannelLinearStep:
         self.params: list[torch.Tensor] = []  # set by _collect_parameters
         self.inverse = inverse
         self._four_d = any(isinstance(m, OneByOneConvolution) for m in modules)
-        self.applied: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (A, c, logdet), no grad
-        self.rebuild: tuple[torch.Tensor, torch.Tensor] | None = None  # (R, r): x = R y + r
-        self.grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # of (A, c, logdet)
+        # set by _ChannelMaps for the duration of one forward / one backward pass:
+        self.applied: _Affine | None = None  # (A, c, logdet) applied, no grad
+        self.rebuild: tuple[torch.Tensor, ...] | None = None  # (R, r): x = R y + r
+        self.grads: _Affine | None = None  # dL/dA, dL/dc, dL/dlogdet
 
     def signature(self) -> tuple:
         """Runs with equal signatures are built together (same layer types, sizes, dtypes)."""
@@ -377,6 +416,7 @@ class _ChannelLinearStep:
         )
 
     def run(self, x: torch.Tensor, context):
+        assert self.applied is not None, "_ChannelMaps.assign() first"
         matrix, bias, logdet = self.applied
         dims = (4,) if self._four_d else (2, 4)
         if x.dim() not in dims or x.shape[1] != matrix.shape[1]:
@@ -388,7 +428,8 @@ class _ChannelLinearStep:
         return _channel_affine(matrix, bias, x), (logdet * x[0, 0].numel()).expand(x.shape[0])
 
     def backprop(self, y, grad_y, grad_ladj, context, need: _Need) -> _Rebuilt:
-        matrix = self.applied[0]
+        assert self.applied is not None and self.rebuild is not None, "_ChannelMaps.assign(backward=True) first"
+        matrix = self.applied.matrix
         with torch.no_grad():  # in full precision even under autocast: rebuild errors compound
             dtype = torch.promote_types(y.dtype, matrix.dtype)
             x = _channel_affine(self.rebuild[0].to(dtype), self.rebuild[1].to(dtype), y.to(dtype))
@@ -396,7 +437,7 @@ class _ChannelLinearStep:
             g3, x3 = grad_y.to(dtype).reshape(b, c, -1), x.reshape(b, c, -1)
             grad_x = torch.bmm(matrix.to(dtype).t().expand(b, -1, -1), g3).view_as(x) if need.x else None
             grads = (torch.bmm(g3, x3.transpose(1, 2)).sum(0), g3.sum((0, 2)), grad_ladj.sum() * x3.shape[2])
-        self.grads = tuple(g.to(matrix.dtype) for g in grads)
+        self.grads = _Affine(*(g.to(matrix.dtype) for g in grads))
         return _Rebuilt(x, grad_x, [None] * len(need.params), None)
 
 
@@ -568,23 +609,23 @@ class _ChannelMaps:
         with torch.no_grad():
             for group in self._built:
                 applied, forward = group.build()
-                if not backward:
-                    rebuild = ()
-                elif group.inverse:  # the applied map is A^-1: rebuild with A itself
+                rebuild: tuple[torch.Tensor, ...] = ()
+                if backward and group.inverse:  # the applied map is A^-1: rebuild with A itself
                     rebuild = (forward.matrix, forward.bias)
-                else:
+                elif backward:
                     inverse = torch.linalg.inv(forward.matrix)
                     rebuild = (inverse, -torch.bmm(inverse, forward.bias.unsqueeze(2)).squeeze(2))
                 per_step = zip(*(t.unbind(0) for t in applied), strict=True)
-                rebuilds = zip(*(t.unbind(0) for t in rebuild), strict=True) if backward else repeat(None)
+                rebuilds: Iterable = zip(*(t.unbind(0) for t in rebuild), strict=True) if backward else repeat(None)
                 for step, maps, rebuild_maps in zip(group.steps, per_step, rebuilds, strict=False):
                     step.applied, step.rebuild = _Affine(*maps), rebuild_maps
 
     def backprop(self, params: _ParamGrads) -> None:
         with torch.no_grad():
             for group in self._built:
-                if all(step.grads is not None for step in group.steps):
-                    grad = _Affine(*(torch.stack([step.grads[j] for step in group.steps]) for j in range(3)))
+                grads = [step.grads for step in group.steps]
+                if all(g is not None for g in grads):
+                    grad = _Affine(*(torch.stack(parts) for parts in zip(*grads, strict=True)))
                     params.add_pairs(group.grads(grad))
 
     def release(self) -> None:
@@ -704,13 +745,15 @@ class _ParamGrads:
         for p, g in pairs:
             i = self._index.get(id(p))
             if i is not None:
-                self.grads[i] = g if self.grads[i] is None else self.grads[i] + g
+                current = self.grads[i]
+                self.grads[i] = g if current is None else current + g
 
     def add(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
         for p, g in zip(params, grads, strict=True):
             if g is not None:
                 i = self._index[id(p)]
-                self.grads[i] = g if self.grads[i] is None else self.grads[i] + g
+                current = self.grads[i]
+                self.grads[i] = g if current is None else current + g
 
 
 def _recompute_mode(device_type: str, autocast) -> Callable[[], contextlib.AbstractContextManager]:
@@ -822,14 +865,16 @@ class MemorySavingComposite(Transform):
     """A ``CompositeTransform`` that does not store intermediate activations in training.
 
     ``z = f_K(... f_1(x))``, ``logabsdet = sum_k log|det df_k/dx_{k-1}|``; gradients are
-    computed by rebuilding ``x_{k-1} = f_k^{-1}(x_k)`` step by step in the backward pass
-    (details, rules and measured float32 drift in the module docstring).
+    computed by rebuilding ``x_{k-1} = f_k^{-1}(x_k)`` step by step in the backward pass,
+    fused with the recomputation for couplings and ActNorm / 1x1-convolution runs (details,
+    rules, measured cost and float32 drift in the module docstring).
 
     Args:
-        transforms: deterministic invertible nflows transforms (Glow steps: ``ActNorm``,
-            ``OneByOneConvolution``, ``AffineCouplingTransform`` /
-            ``AdditiveCouplingTransform``; :class:`~flowkit.layers.MaskedAffineCoupling`;
-            ``SqueezeTransform``; ``CompositeTransform`` of those), applied in order.
+        transforms: deterministic invertible nflows transforms, applied in order (Glow
+            steps: ``ActNorm``, ``OneByOneConvolution``, ``AffineCouplingTransform`` /
+            ``AdditiveCouplingTransform`` / ``ClampedAffineCoupling``, fused; any other
+            invertible ``Transform``, e.g. :class:`~flowkit.layers.MaskedAffineCoupling`
+            or ``SqueezeTransform``, generically; ``CompositeTransform`` of those).
         max_reconstruction_error: if set, the input is stored as well (one more activation,
             still independent of depth) and every memory-saving backward compares it with
             its reconstruction ``f^-1(f(x))``; the relative error
@@ -838,9 +883,11 @@ class MemorySavingComposite(Transform):
             float32 choice).  Costs one device sync per backward.  ``None``: no check.
 
     Raises:
-        TypeError: an element is not an nflows ``Transform``.
+        TypeError: an element is not an nflows ``Transform``; ``max_reconstruction_error``
+            is not a number.
         ValueError: ``transforms`` is empty, or an element (or a module inside it) is
-            stochastic, uses batch statistics or dropout, or has no inverse.
+            stochastic, uses batch statistics or dropout, or has no inverse;
+            ``max_reconstruction_error`` is not positive and finite.
 
     Example:
         >>> import torch
@@ -852,13 +899,9 @@ class MemorySavingComposite(Transform):
 
     def __init__(self, transforms: Iterable[Transform], max_reconstruction_error: float | None = None):
         super().__init__()
-        if max_reconstruction_error is not None and (
-            isinstance(max_reconstruction_error, bool)
-            or not isinstance(max_reconstruction_error, (int, float))
-            or not max_reconstruction_error > 0
-        ):
-            raise ValueError(
-                f"max_reconstruction_error: expected a positive float or None, got {max_reconstruction_error!r}"
+        if max_reconstruction_error is not None:
+            max_reconstruction_error = check_float(
+                "max_reconstruction_error", max_reconstruction_error, 0, low_open=True
             )
         self.max_reconstruction_error = max_reconstruction_error
         self.last_reconstruction_error: float | None = None
