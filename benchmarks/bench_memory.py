@@ -5,16 +5,18 @@ Not a test.  Two measurements:
 * default: for a Glow on 32x32x3 images at several steps per level, the bytes of tensors
   autograd saves for backward in one training forward (counted with
   ``torch.autograd.graph.saved_tensors_hooks``, unique storages only, parameters included)
-  and the wall time of one training step (forward + backward), plain vs
-  ``glow(..., memory_saving=True)``; on CUDA also ``torch.cuda.max_memory_allocated``.
+  and the wall and CPU time of one training step (forward + backward), plain vs
+  ``glow(..., memory_saving=True)``, the two timed interleaved (one step of each per round,
+  alternating which goes first) and reported as medians and their ratio; on CUDA also
+  ``torch.cuda.max_memory_allocated``.
 * ``--drift``: relative gradient difference between memory-saving and plain autograd over
   deep stacks of Glow steps, in float32 and float64 (the numbers in
   :mod:`flowkit.layers.memory_saving`'s docstring).
 
 Usage::
 
-    .venv/bin/python benchmarks/bench_memory.py                  # table, ~ a few minutes on 2 CPU cores
-    .venv/bin/python benchmarks/bench_memory.py --depths 4 8 --batch 4
+    .venv/bin/python benchmarks/bench_memory.py                  # table, 1 thread, ~ 2 minutes
+    .venv/bin/python benchmarks/bench_memory.py --depths 4 8 --batch 4 --coupling clamped-affine
     .venv/bin/python benchmarks/bench_memory.py --drift
 """
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import time
 
 import torch
@@ -52,36 +55,46 @@ def saved_tensor_bytes(loss_fn) -> tuple[int, torch.Tensor]:
     return sum(storages.values()), loss
 
 
-def measure(model, x: torch.Tensor, repeats: int) -> dict:
-    """Saved bytes, mean step wall time and process CPU time (s) and, on CUDA, peak allocated
-    bytes of a training step.  CPU time (all threads) is less disturbed than wall time by
-    other processes on a shared machine."""
-    device = x.device
-    model.train()
-
-    def loss_fn():
-        return -model.log_prob(x).mean()
-
-    # warm-up step (allocator, kernels) and the saved-bytes count
-    nbytes, loss = saved_tensor_bytes(loss_fn)
-    loss.backward()
+def _step_seconds(model, x: torch.Tensor) -> tuple[float, float]:
+    """Wall and process CPU seconds of one training step (forward + backward)."""
+    _sync(x.device)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    (-model.log_prob(x).mean()).backward()
+    _sync(x.device)
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     model.zero_grad(set_to_none=True)
-    del loss
-    times, cpu_times = [], []
-    peak = None
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        _sync(device)
-        start, cpu_start = time.perf_counter(), time.process_time()
-        loss_fn().backward()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-        cpu_times.append(time.process_time() - cpu_start)
-        if device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(device)
+    return wall, cpu
+
+
+def _peak_bytes(model, x: torch.Tensor) -> int | None:
+    if x.device.type != "cuda":
+        return None
+    torch.cuda.reset_peak_memory_stats(x.device)
+    _step_seconds(model, x)
+    return torch.cuda.max_memory_allocated(x.device)
+
+
+def measure(models: dict, x: torch.Tensor, rounds: int) -> dict:
+    """Saved bytes, median wall and process CPU time (s) of a training step and, on CUDA, peak
+    allocated bytes, for each of ``models`` (name -> model), timed interleaved: every round
+    runs one step of each model, in alternating order, so load on a shared machine hits all
+    alike.  CPU time (all threads) is less disturbed than wall time by other processes."""
+    out = {}
+    for name, model in models.items():
+        model.train()
+        nbytes, loss = saved_tensor_bytes(lambda m=model: -m.log_prob(x).mean())
+        loss.backward()  # also the warm-up step (allocator, kernels)
         model.zero_grad(set_to_none=True)
-    return {"saved": nbytes, "time": sum(times) / len(times), "cpu": sum(cpu_times) / len(cpu_times), "peak": peak}
+        out[name] = {"saved": nbytes, "walls": [], "cpus": [], "peak": _peak_bytes(model, x)}
+    names = list(models)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            wall, cpu = _step_seconds(models[name], x)
+            out[name]["walls"].append(wall)
+            out[name]["cpus"].append(cpu)
+    for res in out.values():
+        res["time"], res["cpu"] = statistics.median(res.pop("walls")), statistics.median(res.pop("cpus"))
+    return out
 
 
 def run_table(args) -> None:
@@ -97,21 +110,21 @@ def run_table(args) -> None:
             hidden_channels=args.hidden,
             num_layers=args.num_layers,
             dequantization="uniform",
+            coupling=args.coupling,
         )
         plain = glow((3, 32, 32), **kwargs).to(device)
         plain.initialize(x)  # ActNorm data-dependent init, outside the measurement
         saving = glow((3, 32, 32), memory_saving=True, **kwargs).to(device)
         saving.load_state_dict(plain.state_dict())  # same weights (same state_dict keys)
-        res_plain = measure(plain, x, args.repeats)
-        del plain
-        res_saving = measure(saving, x, args.repeats)
-        del saving
-        rows.append((depth, res_plain, res_saving))
+        res = measure({"plain": plain, "saving": saving}, x, args.repeats)
+        del plain, saving
+        rows.append((depth, res["plain"], res["saving"]))
         tqdm.write(_format_row(rows[-1]))
     print()
     print(
         f"Glow on 32x32x3, levels={args.levels}, hidden={args.hidden}, num_layers={args.num_layers}, "
-        f"batch={args.batch}, uniform dequantization, {device}, {torch.get_num_threads()} threads"
+        f"coupling={args.coupling}, batch={args.batch}, uniform dequantization, {device}, "
+        f"{torch.get_num_threads()} threads; medians of {args.repeats} interleaved steps"
     )
     header = (
         f"{'steps/level':>11} {'saved MB plain':>14} {'saved MB saving':>15} {'ratio':>6} "
@@ -161,7 +174,8 @@ def _gradients(flow, x: torch.Tensor) -> list[torch.Tensor]:
     x = x.clone().requires_grad_(True)
     z, ladj = flow(x)
     (0.5 * z.square().flatten(1).sum(1) - ladj).mean().backward()
-    return [x.grad] + [p.grad for p in flow.parameters()]
+    # clones: a later flow.float() would convert the .grad tensors in place
+    return [x.grad.clone()] + [p.grad.clone() for p in flow.parameters()]
 
 
 def _max_rel(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -180,8 +194,9 @@ def gradient_drift(num_steps: int, scale: float = 0.1, shape=(4, 8, 8, 8), hidde
     perturbed with ``perturb_parameters(scale=scale)`` (ActNorm initialised on the batch).
 
     Returns max over tensors (input, every parameter) of ``max|g - g_ref| / max|g_ref|`` for
-    ``saving32`` vs plain float32, ``saving64`` vs plain float64 and ``plain32`` vs plain
-    float64 (float32's own error, for scale); ``roundtrip32``/``roundtrip64`` are
+    ``saving32`` vs plain float32, ``saving64`` vs plain float64, ``plain32`` vs plain
+    float64 (float32's own error, for scale) and ``saving32_vs_64``, memory-saving float32 vs
+    plain float64 (the error a user gets, to compare with ``plain32``); ``roundtrip32``/``roundtrip64`` are
     ``max|f^-1(f(x)) - x| / max|x|`` of the whole stack, the error that drives the drift.
     """
     from nflows.transforms import CompositeTransform
@@ -211,6 +226,7 @@ def gradient_drift(num_steps: int, scale: float = 0.1, shape=(4, 8, 8, 8), hidde
     out["saving32"] = _max_rel(g["saving32"], g["plain32"])
     out["saving64"] = _max_rel(g["saving64"], g["plain64"])
     out["plain32"] = _max_rel(g["plain32"], g["plain64"])
+    out["saving32_vs_64"] = _max_rel(g["saving32"], g["plain64"])
     return out
 
 
@@ -218,7 +234,7 @@ def run_drift(args) -> None:
     print("max relative gradient difference (input and every parameter), Glow steps on [4, 8, 8, 8]")
     header = (
         f"{'perturb':>7} {'steps':>5} {'saving32 vs plain32':>20} {'saving64 vs plain64':>20} "
-        f"{'plain32 vs plain64':>19} {'roundtrip32':>12} {'roundtrip64':>12}"
+        f"{'plain32 vs plain64':>19} {'saving32 vs plain64':>20} {'roundtrip32':>12} {'roundtrip64':>12}"
     )
     print(header)
     print("-" * len(header))
@@ -226,7 +242,7 @@ def run_drift(args) -> None:
         for n in args.drift_depths:
             d = gradient_drift(n, scale)
             print(
-                f"{scale:>7g} {n:>5d} {d['saving32']:>20.1e} {d['saving64']:>20.1e} {d['plain32']:>19.1e} "
+                f"{scale:>7g} {n:>5d} {d['saving32']:>20.1e} {d['saving64']:>20.1e} {d['plain32']:>19.1e} {d['saving32_vs_64']:>20.1e} "
                 f"{d['roundtrip32']:>12.1e} {d['roundtrip64']:>12.1e}",
                 flush=True,
             )
@@ -239,7 +255,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hidden", type=int, default=16, help="hidden channels of the coupling nets")
     parser.add_argument("--num-layers", type=int, default=1, help="gated residual blocks per coupling net")
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=1, help="timed steps per configuration (after one warm-up step)")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timed steps per model and depth (interleaved; after one warm-up step)"
+    )
+    parser.add_argument("--coupling", default="affine", choices=["affine", "additive", "clamped-affine"])
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (timings are per thread count)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--drift", action="store_true", help="measure float32/float64 gradient drift instead")
     parser.add_argument("--drift-depths", type=int, nargs="+", default=[8, 32, 64])
@@ -247,6 +267,7 @@ def main(argv: list[str] | None = None) -> None:
         "--drift-scales", type=float, nargs="+", default=[0.0, 0.01, 0.03, 0.1], help="parameter perturbations"
     )
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     if args.drift:
         run_drift(args)
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from nflows.transforms import (
     AffineCouplingTransform,
     CompositeTransform,
     OneByOneConvolution,
+    PiecewiseRationalQuadraticCouplingTransform,
     SqueezeTransform,
     Transform,
 )
@@ -27,7 +29,8 @@ from flowkit.layers import (
     checkerboard_mask,
     gated_conv_net,
 )
-from flowkit.layers.memory_saving import _InvertibleSequence
+from flowkit.layers.memory_saving import _CouplingStep, _InvertibleSequence, _plan
+from flowkit.models.glow import glow_step
 
 RTOL = 1e-10  # float64: relative to the largest entry of each gradient
 
@@ -307,3 +310,225 @@ def test_reconstruction_monitor_reports_and_warns():
 def test_bad_max_reconstruction_error():
     with pytest.raises(ValueError, match="max_reconstruction_error"):
         MemorySavingComposite([ActNorm(2)], max_reconstruction_error=-1.0)
+
+
+# ---- the fused path: couplings (one net call per backward), ActNorm / 1x1 conv runs ----------
+
+
+def plan_kinds(saving: MemorySavingComposite, inverse: bool = False) -> list[str]:
+    return [type(step).__name__ for step in _plan(saving._transforms, inverse)]
+
+
+class _ContextNet(nn.Module):
+    """A user's coupling net for [B, D] data: ``net(x, context)`` as nflows calls it."""
+
+    def __init__(self, c_in, c_out, context_features=0):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(c_in + context_features, 16), nn.Tanh(), nn.Linear(16, c_out))
+
+    def forward(self, x, context=None):
+        return self.body(x if context is None else torch.cat([x, context], dim=1))
+
+
+def glow_with_clamped_coupling() -> list[Transform]:
+    """flowkit's own Glow steps (nested CompositeTransforms, contiguous channel halves)."""
+    return [glow_step(4, i, hidden_channels=8, num_layers=1, coupling="clamped-affine") for i in range(3)]
+
+
+def mixed_order_stack() -> list[Transform]:
+    """Channel runs in unusual orders and lengths, a user's Transform in between."""
+    return [
+        OneByOneConvolution(4),
+        ActNorm(4),
+        OneByOneConvolution(4),
+        AffineCouplingTransform([-1, -1, 1, 1], gated_conv_net(8, 1)),
+        ActNorm(4),
+        _UserScale(4),
+        ActNorm(4),
+        AdditiveCouplingTransform([1, 1, -1, -1], gated_conv_net(8, 1)),
+        OneByOneConvolution(4),
+    ]
+
+
+class _UserScale(Transform):
+    """A user's own layer: per-channel ``y = x * exp(a)``; memory saving treats it generically."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, inputs, context=None):
+        s = self.log_scale.view(1, -1, 1, 1)
+        return inputs * s.exp(), (s.expand_as(inputs)).flatten(1).sum(1)
+
+    def inverse(self, inputs, context=None):
+        s = self.log_scale.view(1, -1, 1, 1)
+        return inputs * (-s).exp(), -(s.expand_as(inputs)).flatten(1).sum(1)
+
+
+def test_plan_fuses_known_layers_and_falls_back_for_others():
+    assert plan_kinds(MemorySavingComposite(glow_stack())) == (
+        ["_ChannelLinearStep", "_CouplingStep"] * 3 + ["_GenericStep"] + ["_ChannelLinearStep", "_CouplingStep"] * 2
+    )
+    assert (
+        plan_kinds(MemorySavingComposite(glow_with_clamped_coupling())) == ["_ChannelLinearStep", "_CouplingStep"] * 3
+    )
+    kinds = plan_kinds(MemorySavingComposite(mixed_order_stack()))
+    assert kinds == [
+        "_ChannelLinearStep",
+        "_CouplingStep",
+        "_ChannelLinearStep",
+        "_GenericStep",
+        "_ChannelLinearStep",
+        "_CouplingStep",
+        "_ChannelLinearStep",
+    ]
+    assert plan_kinds(MemorySavingComposite(checkerboard_stack())) == ["_GenericStep"] * 4
+    for stack in (glow_stack, glow_with_clamped_coupling):  # hand-written elementwise gradients
+        steps = _plan(MemorySavingComposite(stack())._transforms, inverse=False)
+        assert all(s._scale_and_shift is not None for s in steps if isinstance(s, _CouplingStep))
+
+
+def test_hooks_and_overridden_forward_fall_back_to_the_generic_path():
+    class MyCoupling(AffineCouplingTransform):
+        def forward(self, inputs, context=None):
+            return super().forward(inputs, context)
+
+    hooked = ActNorm(4)
+    hooked.register_forward_hook(lambda *args: None)
+    saving = MemorySavingComposite([hooked, MyCoupling([1, 1, -1, -1], gated_conv_net(8, 1))])
+    assert plan_kinds(saving) == ["_GenericStep", "_GenericStep"]
+
+
+@pytest.mark.parametrize("direction", ["forward", "inverse"])
+@pytest.mark.parametrize("loss", ["both", "z", "ladj"])
+@pytest.mark.parametrize("stack", [glow_with_clamped_coupling, mixed_order_stack, glow_stack])
+def test_fused_gradients_match_plain_autograd(stack, loss, direction):
+    """Input, every parameter (ActNorm, 1x1 conv, coupling nets, ClampedAffineCoupling's
+    log_clamp, a user's layer) and the log-det path, float64, both directions."""
+    torch.manual_seed(10)
+    plain, saving = pair(stack())
+    x = 1.0 + 2.0 * torch.randn(3, 4, 4, 4, dtype=torch.float64)
+    with torch.no_grad():  # ActNorm init on the same batch for both
+        plain(x)
+        saving(x)
+    if direction == "inverse":
+        x = plain(x)[0].detach() if stack is not glow_stack else torch.randn(3, 16, 2, 2, dtype=torch.float64)
+    ref = run(plain, x, direction=direction, loss=loss)
+    got = run(saving, x, direction=direction, loss=loss)
+    assert_close(ref[0], got[0])
+    assert_close(ref[1], got[1])
+    reached = 0
+    for i, (g_ref, g_got) in enumerate(zip(ref[2], got[2], strict=True)):
+        assert g_got is not None, f"gradient {i} missing"
+        if g_ref is None:  # the loss cannot reach it: memory saving gives zeros (documented)
+            assert not g_got.abs().max() > 0, f"gradient {i}: plain autograd has none, got {g_got}"
+        else:
+            assert_close(g_ref, g_got)
+            reached += bool(g_ref.abs().max() > 0)
+    assert reached >= len(ref[2]) // 2, "too few non-zero gradients: the test would not see an error"
+
+
+class _SoftplusCoupling(AffineCouplingTransform):
+    """A user's affine coupling with another scale: the elementwise map is not nflows' own, so
+    the fused step differentiates a rebuilt local graph instead of the hand-written gradients."""
+
+    def _coupling_transform_forward(self, inputs, transform_params):
+        scale = nn.functional.softplus(transform_params[:, self.num_transform_features :]) + 0.5
+        shift = transform_params[:, : self.num_transform_features]
+        return inputs * scale + shift, scale.log().flatten(1).sum(1)
+
+    def _coupling_transform_inverse(self, inputs, transform_params):
+        scale = nn.functional.softplus(transform_params[:, self.num_transform_features :]) + 0.5
+        shift = transform_params[:, : self.num_transform_features]
+        return (inputs - shift) / scale, -scale.log().flatten(1).sum(1)
+
+
+def spline_and_user_couplings() -> list[Transform]:
+    """nflows' rational-quadratic spline coupling and a user's affine subclass, on [B, D] data."""
+
+    def net(c_in, c_out):
+        return _ContextNet(c_in, c_out)
+
+    return [
+        ActNorm(4),
+        PiecewiseRationalQuadraticCouplingTransform([1, -1, 1, -1], net, num_bins=4, tails="linear", tail_bound=4.0),
+        _SoftplusCoupling([-1, 1, -1, 1], net),
+        ActNorm(4),
+        PiecewiseRationalQuadraticCouplingTransform([-1, -1, 1, 1], net, num_bins=4, tails="linear", tail_bound=4.0),
+    ]
+
+
+@pytest.mark.filterwarnings("ignore:Inputs to the softmax are not scaled down")
+@pytest.mark.parametrize("direction", ["forward", "inverse"])
+def test_fused_couplings_without_hand_written_gradients(direction):
+    torch.manual_seed(13)
+    plain, saving = pair(spline_and_user_couplings())
+    steps = _plan(saving._transforms, inverse=False)
+    kinds = [type(s).__name__ for s in steps]
+    assert kinds == ["_ChannelLinearStep", "_CouplingStep", "_CouplingStep", "_ChannelLinearStep", "_CouplingStep"]
+    assert all(s._scale_and_shift is None for s in steps if isinstance(s, _CouplingStep))  # the generic local graph
+    x = torch.randn(6, 4, dtype=torch.float64)
+    with torch.no_grad():
+        plain(x)
+        saving(x)
+    if direction == "inverse":
+        x = plain(x)[0].detach()
+    assert_same_run(run(plain, x, direction=direction), run(saving, x, direction=direction))
+
+
+def test_fused_coupling_with_context_and_2d_inputs():
+    """A user's MLP coupling net with context on [B, D] data, with ActNorm (2-D) around it."""
+    torch.manual_seed(11)
+
+    def net(c_in, c_out):
+        return _ContextNet(c_in, c_out, context_features=2)
+
+    steps = [
+        ActNorm(4),
+        AffineCouplingTransform([1, -1, 1, -1], net),
+        ActNorm(4),
+        AffineCouplingTransform([-1, 1, -1, 1], net),
+    ]
+    plain, saving = pair(steps)
+    assert plan_kinds(saving) == ["_ChannelLinearStep", "_CouplingStep"] * 2
+    x = torch.randn(5, 4, dtype=torch.float64)
+    context = torch.randn(5, 2, dtype=torch.float64)
+    with torch.no_grad():
+        plain(x, context)
+        saving(x, context)
+    assert_same_run(run(plain, x, context), run(saving, x, context))
+
+
+def test_backward_calls_each_coupling_net_once():
+    """The fusion itself: one net call per coupling in backward (the generic path makes two)."""
+    torch.manual_seed(12)
+    _, saving = pair(glow_with_clamped_coupling())
+    nets = [m for m in saving.modules() if isinstance(m, GatedConvNet)]
+    calls = []
+    for n in nets:
+        n.register_forward_hook(lambda module, args, out: calls.append(module))
+    x = torch.randn(2, 4, 4, 4, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        saving(x)
+    calls.clear()
+    z, ladj = saving(x)
+    assert len(calls) == len(nets)  # forward: one call each
+    calls.clear()
+    (z.square().sum() - ladj.sum()).backward()
+    assert sorted(map(id, calls)) == sorted(map(id, nets))  # backward: exactly one call each
+
+
+@pytest.mark.parametrize("shape", [(2, 4), (2, 6, 3, 3)])
+def test_channel_run_rejects_wrong_shape(shape):
+    saving = MemorySavingComposite([ActNorm(4), OneByOneConvolution(4)]).double()
+    with torch.no_grad():
+        saving(torch.randn(2, 4, 3, 3, dtype=torch.float64))
+    expected = r"inputs: ActNorm/OneByOneConvolution expects a 4-D tensor with 4 channels, got shape "
+    with pytest.raises(ValueError, match=expected + re.escape(str(shape))):
+        saving(torch.randn(*shape, dtype=torch.float64, requires_grad=True))
+
+
+def test_max_reconstruction_error_of_the_wrong_type():
+    with pytest.raises(TypeError, match="max_reconstruction_error: expected a number, got str"):
+        MemorySavingComposite([ActNorm(2)], max_reconstruction_error="1e-3")
