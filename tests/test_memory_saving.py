@@ -206,7 +206,7 @@ def test_registry_case_passes_check_transform():
 
 def test_check_transform_float64_glow_stack():
     _, saving = pair(glow_stack())
-    report = flowkit.check_transform(saving, torch.randn(2, 4, 4, 4, dtype=torch.float64), max_jacobian_samples=1)
+    report = flowkit.check_transform(saving, torch.randn(2, 4, 4, 4, dtype=torch.float64), max_samples=1)
     assert report.ok, str(report)
 
 
