@@ -134,7 +134,8 @@ class ImageDataset(Dataset):
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        return tuple(self.images.shape[1:])
+        c, h, w = self.images.shape[1:]
+        return c, h, w
 
     def subset(self, indices: torch.Tensor, name: str | None = None) -> ImageDataset:
         """A new dataset with the given rows (copies, so the parent can be freed)."""

@@ -316,7 +316,8 @@ def test_ctrl_c_stops_within_a_second_keeps_the_checkpoint_and_says_how_to_resum
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in stderr, stderr
     assert f"continue with: flowkit train --out {out} --resume" in lines[0], stderr
-    assert stopped_in < 3.0, stopped_in  # within a second on an idle machine; slack for a shared one
+    print(f"stopped {stopped_in:.2f} s after SIGINT")
+    assert stopped_in < 1.5, stopped_in  # a second, with slack for a shared machine
     epoch = torch.load(out / "last.pt", weights_only=True)["epoch"]
     assert epoch >= 1 and main(["train", "--out", str(out), "--resume", "--epochs", str(epoch + 1)]) == 0
 

@@ -327,6 +327,25 @@ def test_unusable_checkpoints_are_one_clear_sentence(tmp_path, name):
     assert isinstance(info.value, ValueError) and isinstance(info.value, UserError)
 
 
+def test_checkpoints_of_flowkit_0_1_load_and_resume(tmp_path):
+    """flowkit 0.1 wrote format 1: the recipe under "model", an unfused Adam, fewer options."""
+    train(tiny_config(tmp_path, importance_samples=0))
+    for name in ("last.pt", "best.pt"):
+        payload = torch.load(tmp_path / name, weights_only=True)
+        for key in ("model_class", "image_shape", "num_levels"):
+            del payload[key]
+        payload.update(format="flowkit-checkpoint-1", model=payload.pop("recipe"))
+        for group in payload["optimizer"]["param_groups"]:
+            group["fused"] = None
+        for key in ("overwrite", "threads", "tensorboard"):
+            del payload["config"][key]
+        torch.save(payload, tmp_path / name)
+    model, checkpoint = load_checkpoint(tmp_path / "best.pt")
+    assert checkpoint.recipe.name == "glow" and checkpoint.recipe.kwargs == TINY and checkpoint.epoch == 1
+    assert train(resume_config(tmp_path, epochs=2)).epochs == 2
+    assert read_checkpoint(tmp_path / "last.pt").recipe == checkpoint.recipe  # written in today's format
+
+
 # -- the run folder ------------------------------------------------------------------------------
 
 

@@ -17,10 +17,9 @@ import argparse
 import dataclasses
 import json
 import shlex
-import sys
 from typing import Any
 
-from flowkit.cli import EXIT_INTERRUPTED, user_input
+from flowkit.cli import user_input
 
 __all__ = ["register", "config_from_args", "flag"]
 
@@ -99,11 +98,9 @@ def _run(args) -> int:
         config.threads = default_threads(config.threads, resolve_device(config.device))
     try:
         result = train(config)
-    except TrainingInterrupted as err:
-        if env_rank() == 0:
-            how = f"continue with: flowkit train --out {shlex.quote(str(err.out))} --resume" if err.checkpoint else ""
-            print(f"{err}{'; ' if how else ''}{how}", file=sys.stderr, flush=True)
-        return EXIT_INTERRUPTED
+    except TrainingInterrupted as err:  # the command line prints it (one line) and exits 130
+        how = f"; continue with: flowkit train --out {shlex.quote(str(err.out))} --resume" if err.checkpoint else ""
+        raise KeyboardInterrupt(f"{err}{how}") from None
     if env_rank() == 0:  # under torchrun: rank 0 reports
         _report(result)
     return 0
@@ -140,7 +137,7 @@ def register(sub) -> None:
     _add(p, "lr_decay", "StepLR gamma per epoch", d.lr_decay, type=float)
     _add(p, "grad_clip", "max gradient norm (0: off)", d.grad_clip, type=float)
     _add(p, "importance_samples", "samples of the final test bpd (0: skip the test)", d.importance_samples, type=int)
-    _add(p, "sample_temperature", "temperature of samples.png", d.sample_temperature, type=float)
+    _add(p, "sample_temperature", "temperature of samples.png", d.sample_temperature, type=float, metavar="T")
     _add(p, "data_root", "where torchvision data sets live", d.data_root)
     _add(p, "val_size", "validation images", "the data set's", type=int)
     _add(p, "num_workers", "DataLoader workers", d.num_workers, type=int)

@@ -116,7 +116,7 @@ class Checkpoint:
 
     def to_payload(self) -> dict[str, Any]:
         """The dict written with ``torch.save`` (tensors and JSON-able values only)."""
-        payload = dataclasses.asdict(self)
+        payload = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # no copies of the tensors
         payload.update(
             format=CHECKPOINT_FORMAT,
             recipe=None if self.recipe is None else self.recipe.to_dict(),

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from torch import nn
 
+from flowkit.models import ImageFlow
 from flowkit.validation import check_image_batch, check_int
 
 __all__ = ["bpd_sum", "evaluate", "independent_pixel_bpd"]
@@ -18,7 +18,7 @@ def _images(batch) -> torch.Tensor:
 
 @torch.no_grad()
 def bpd_sum(
-    model: nn.Module,
+    model: ImageFlow,
     loader: Iterable,
     importance_samples: int = 1,
     max_batches: int | None = None,
@@ -56,7 +56,7 @@ def bpd_sum(
 
 
 def evaluate(
-    model: nn.Module,
+    model: ImageFlow,
     loader: Iterable,
     importance_samples: int = 8,
     max_batches: int | None = None,

@@ -236,7 +236,7 @@ class Pictures(Hook):
 
         if not run.ctx.is_main:
             return
-        config, model = run.config, run.final_model
+        config, model = run.config, run.final_model or run.model
         gen = torch.Generator(device=run.device).manual_seed(config.seed)
         samples = model.sample(config.num_samples, temperature=config.sample_temperature, generator=gen)
         title = f"{result.model_name} on {config.data}"

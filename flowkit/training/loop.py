@@ -51,9 +51,9 @@ class StepMeter:
 
     @classmethod
     def zeros(cls, device: torch.device, in_a_row: torch.Tensor | None = None) -> StepMeter:
-        f64 = {"dtype": torch.float64, "device": device}
         run = torch.zeros((), dtype=torch.long, device=device) if in_a_row is None else in_a_row
-        return cls(torch.zeros((), **f64), torch.zeros((), **f64), torch.zeros_like(run), run, run.clone())
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        return cls(loss_sum, torch.zeros_like(loss_sum), torch.zeros_like(run), run, run.clone())
 
     def update(self, loss: torch.Tensor, ok: torch.Tensor, num_images: int) -> None:
         self.loss_sum += torch.where(ok, loss.double() * num_images, 0.0)
@@ -92,7 +92,8 @@ def train_step(run: Run, x: torch.Tensor, meter: StepMeter) -> None:
     max_norm = run.config.grad_clip if run.config.grad_clip > 0 else math.inf
     grad_norm = nn.utils.clip_grad_norm_(run.model.parameters(), max_norm, foreach=True)
     ok = run.ctx.all_true(torch.isfinite(loss) & torch.isfinite(grad_norm))  # skip on every rank, or on none
-    run.optimizer.found_inf = (~ok).float()  # fused Adam: no update where found_inf (see the module docstring)
+    # fused Adam: no update where found_inf (see the module docstring)
+    run.optimizer.found_inf = (~ok).float()  # type: ignore[attr-defined]
     run.optimizer.step()
     meter.update(loss.detach(), ok, x.shape[0])
 

@@ -19,7 +19,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Seque
 from flowkit.data import DatasetInfo, ImageDataset, dataset_info, load_splits
 from flowkit.errors import UserError
 from flowkit.models import ImageFlow, ModelBuildError
-from flowkit.training.checkpoint import Checkpoint, ModelRecipe, load_checkpoint, read_checkpoint
+from flowkit.training.checkpoint import Checkpoint, CheckpointError, ModelRecipe, load_checkpoint, read_checkpoint
 from flowkit.training.config import TrainConfig, conflict_message
 from flowkit.training.distributed import DistributedContext
 from flowkit.training.distributed import setup as setup_distributed
@@ -191,16 +191,19 @@ def _loaders(config: TrainConfig, ctx: DistributedContext, splits: dict[str, Ima
     device = ctx.device
     per_rank = config.batch_size // ctx.world_size
     # batch_size is global: rank r takes items r, r+N, ... of the epoch's permutation (seed + epoch)
-    sampler = DistributedSampler(
+    sampler: DistributedSampler = DistributedSampler(
         splits["train"], num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=config.seed, drop_last=True
     )
-    common = {"batch_size": None, "num_workers": config.num_workers, "pin_memory": device.type == "cuda"}
-    train = DataLoader(splits["train"], sampler=BatchSampler(sampler, per_rank, len(sampler) > per_rank), **common)
-    loaders = {"train": train}
+
+    def loader(dataset: ImageDataset, batches: BatchSampler) -> DataLoader:
+        pin = device.type == "cuda"
+        return DataLoader(dataset, sampler=batches, batch_size=None, num_workers=config.num_workers, pin_memory=pin)
+
+    loaders = {"train": loader(splits["train"], BatchSampler(sampler, per_rank, len(sampler) > per_rank))}
     for name in ("val", "test"):
         # rank r's share of an evaluation split: items r, r + N, r + 2N, ... (no padding)
         shard = splits[name].subset(torch.arange(ctx.rank, len(splits[name]), ctx.world_size))
-        loaders[name] = DataLoader(shard, sampler=BatchSampler(SequentialSampler(shard), per_rank, False), **common)
+        loaders[name] = loader(shard, BatchSampler(SequentialSampler(shard), per_rank, False))
     return sampler, loaders
 
 
@@ -211,7 +214,11 @@ def _initialize(model: ImageFlow, config: TrainConfig, train: ImageDataset, devi
 
 
 def _restore(run: Run, checkpoint: Checkpoint) -> None:
-    run.optimizer.load_state_dict(checkpoint.optimizer)
+    if checkpoint.optimizer is None or checkpoint.scheduler is None:
+        raise CheckpointError(f"checkpoint: {run.files.last} holds no optimizer state, so the run cannot resume")
+    # the skip of non-finite steps needs fused Adam; flowkit 0.1's checkpoints saved the unfused one
+    groups = [{**group, "fused": True, "foreach": None} for group in checkpoint.optimizer["param_groups"]]
+    run.optimizer.load_state_dict({**checkpoint.optimizer, "param_groups": groups})
     run.scheduler.load_state_dict(checkpoint.scheduler)
     run.history = [EpochRecord(**h) for h in checkpoint.history]
     run.best_val_bpd, run.best_epoch = checkpoint.best_val_bpd, checkpoint.best_epoch
