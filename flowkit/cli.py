@@ -83,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _say(text: str) -> None:
     """One line on stderr (under torchrun, rank 0 speaks for all)."""
-    if os.environ.get("RANK", "0") in ("", "0"):
+    from flowkit.training.distributed import env_rank
+
+    if env_rank() == 0:
         print(" ".join(text.split()), file=sys.stderr, flush=True)
 
 

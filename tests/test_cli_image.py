@@ -188,6 +188,8 @@ def test_user_errors_are_one_line_and_exit_2(run_dir, tmp_path, capsys, args, ex
         (["--model", "realnvp"], "model: expected one of glow"),
         (["--model-kwargs", '{"levels": 9}'], "model: glow(image_shape=(1, 8, 8)"),
         (["--lr", "-1"], "lr: expected a finite number > 0"),
+        (["--data", "svhn"], "data: expected one of 'digits'"),
+        (["--val-size", "5000"], "val_size: 5000 leaves no training images"),
         (["--resume", "--out", "{tmp}/none"], "resume: no checkpoint at"),
         (["--device", "cuda"], "CUDA is not available"),
     ],

@@ -356,6 +356,9 @@ def test_a_folder_holding_a_run_is_refused_untouched_unless_overwrite(tmp_path):
     with pytest.raises(RunFolderError, match="already holds a run .* --resume .* --overwrite"):
         train(tiny_config(tmp_path, seed=4))
     assert snapshot(tmp_path) == before  # nothing touched
+    with pytest.raises(TrainingInterrupted):  # a replacement that stops before its first checkpoint...
+        train(tiny_config(tmp_path, seed=4, overwrite=True), hooks=[InterruptAt(0)])
+    assert snapshot(tmp_path) == before  # ...leaves the old run as it was
     result = train(tiny_config(tmp_path, seed=4, overwrite=True, epochs=2, importance_samples=0))
     assert result.history[-1].epoch == 2 and read_checkpoint(tmp_path / "last.pt").config["seed"] == 4
     assert (tmp_path / "notes.txt").read_text() == "mine"  # only the run's own files are replaced

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from flowkit.data import DATASETS
 from flowkit.models import check_model_name
 from flowkit.training.runtime import DEVICES
 from flowkit.validation import check_bool, check_choice, check_float, check_int, check_optional_int
@@ -62,8 +63,9 @@ class TrainConfig:
             ``cuda:LOCAL_RANK`` with NCCL, or the CPU with gloo).
         out: run folder (checkpoints, metrics, PNGs); created at the first checkpoint.
         resume: continue the run in ``out`` from ``out/last.pt``.
-        overwrite: replace a run already in ``out`` (without it, and without ``resume``, a
-            folder holding a run is refused and left untouched).
+        overwrite: replace a run already in ``out``, when the new one writes its first
+            checkpoint (without it, and without ``resume``, a folder holding a run is refused
+            and left untouched).
         importance_samples: samples of the importance-weighted test bpd at the end of the run
             (0 skips the test evaluation).
         data_root: where torchvision data sets live.
@@ -121,6 +123,7 @@ class TrainConfig:
         check_float("grad_clip", self.grad_clip, low=0)
         check_float("sample_temperature", self.sample_temperature, low=0, low_open=True)
         check_choice("device", self.device, DEVICES)
+        check_choice("data", self.data, DATASETS)
         for name in ("resume", "overwrite", "progress", "tensorboard"):
             check_bool(name, getattr(self, name))
         if self.resume and self.overwrite:

@@ -11,7 +11,7 @@ a world of 1, and every collective returns its input.
 
 Example:
     >>> ctx = setup("cpu")          # not under torchrun: a world of one
-    >>> (ctx.rank, ctx.world_size, ctx.is_main, ctx.all_reduce_sum([1.5, 2.0]))
+    >>> (ctx.rank, ctx.world_size, ctx.is_main, ctx.sum_tensor(torch.tensor([1.5, 2.0])).tolist())
     (0, 1, True, [1.5, 2.0])
     >>> ctx.close()
 """
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -93,14 +92,6 @@ class DistributedContext:
             dist.barrier(device_ids=[self.device.index])
         else:
             dist.barrier()
-
-    def all_reduce_sum(self, values: Sequence[float]) -> list[float]:
-        """Sum of ``values`` over all ranks, elementwise, in float64."""
-        if not self.enabled:
-            return [float(v) for v in values]
-        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self._comm_device())
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return [float(v) for v in t.cpu()]
 
     def sum_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
         """Elementwise sum of ``tensor`` over all ranks, as a new tensor on ``tensor``'s device

@@ -6,7 +6,8 @@
 * ``out`` must be a folder (or not exist yet) under a writable parent; it is created only
   when the first file is written, so a run that fails before its first checkpoint leaves no
   empty folder behind.
-* ``overwrite`` removes the old run's files (and only those) before training starts.
+* ``overwrite`` removes the old run's files (and only those) just before the new run writes its
+  first checkpoint, so a replacement that fails early leaves the old run as it was.
 """
 
 from __future__ import annotations

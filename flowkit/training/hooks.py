@@ -27,6 +27,7 @@ from flowkit.errors import NonFiniteLossError, UserError
 from flowkit.io import atomic_write_text, write_json
 from flowkit.training.checkpoint import check_finite, save_checkpoint
 from flowkit.training.config import TrainConfig
+from flowkit.training.folder import remove_run
 from flowkit.training.records import EpochRecord, TrainResult
 
 if TYPE_CHECKING:
@@ -109,11 +110,15 @@ class StopOnNonFinite(Hook):
 
 class CheckpointWriter(Hook):
     """Writes ``last.pt`` after every epoch and ``best.pt`` when the validation bpd improved
-    (rank 0; every rank checks the state is finite first, so all stop together if not)."""
+    (rank 0; every rank checks the state is finite first, so all stop together if not).  With
+    ``overwrite``, the old run's files go just before the first checkpoint of the new one."""
 
     def on_epoch_end(self, run: Run, record: EpochRecord) -> None:
         checkpoint = run.checkpoint()
         check_finite(checkpoint, run.files.last)
+        if run.ctx.is_main and run.replace_old_run:
+            remove_run(run.files)
+        run.replace_old_run = False
         if run.ctx.is_main:
             save_checkpoint(checkpoint, run.files.last)
             if run.best_epoch == record.epoch:

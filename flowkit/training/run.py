@@ -23,7 +23,7 @@ from flowkit.training.checkpoint import Checkpoint, CheckpointError, ModelRecipe
 from flowkit.training.config import TrainConfig, conflict_message
 from flowkit.training.distributed import DistributedContext
 from flowkit.training.distributed import setup as setup_distributed
-from flowkit.training.folder import RunFiles, RunFolderError, check_run_folder, remove_run
+from flowkit.training.folder import RunFiles, RunFolderError, check_run_folder
 from flowkit.training.hooks import Hook, default_hooks
 from flowkit.training.records import EpochRecord
 from flowkit.training.runtime import seed_all
@@ -69,6 +69,7 @@ class Run:
     skipped_steps: int = 0
     train_time_s: float = 0.0
     saved_epoch: int = 0
+    replace_old_run: bool = False
     final_model: ImageFlow | None = None
 
     @property
@@ -160,7 +161,10 @@ def _load_data(config: TrainConfig) -> tuple[DatasetInfo, dict[str, ImageDataset
     kwargs: dict[str, Any] = {"root": config.data_root, "seed": 0}
     if config.val_size is not None:
         kwargs["val_size"] = config.val_size
-    return dataset_info(config.data), load_splits(config.data, **kwargs)
+    try:
+        return dataset_info(config.data), load_splits(config.data, **kwargs)
+    except ValueError as err:  # the options do not fit the data (val_size)
+        raise ConfigError(f"{err} (data {config.data!r})") from None
 
 
 def _check_fits_data(model: ImageFlow, info: DatasetInfo, config: TrainConfig) -> None:
@@ -259,8 +263,8 @@ def start_run(config: TrainConfig, model: ImageFlow | None = None, hooks: Sequen
 
 
 def _assemble(config, ctx, files, model, recipe, splits, hooks, stored) -> Run:
-    """Put the checked parts together: model on the device (initialised or restored), the
-    optimizer, and the old run's files removed when it is replaced."""
+    """Put the checked parts together: the model on the device (initialised or restored), the
+    optimizer, the scheduler and the data loaders."""
     device = ctx.device
     model.to(device)
     if stored is not None:
@@ -278,6 +282,5 @@ def _assemble(config, ctx, files, model, recipe, splits, hooks, stored) -> Run:
     )
     if stored is not None:
         _restore(run, stored)
-    elif config.overwrite and ctx.is_main:
-        remove_run(files)  # only now: a start that fails leaves the old run as it was
+    run.replace_old_run = config.overwrite  # at the first checkpoint: a run that fails before leaves it as it was
     return run
