@@ -178,6 +178,37 @@ def test_user_errors_are_one_line_and_exit_2(run_dir, tmp_path, capsys, args, ex
     assert code == 2 and expected in _one_error_line(err), err
 
 
+@pytest.mark.parametrize("command", ["train", "sample", "analyze", "demo"])
+def test_an_out_that_cannot_be_written_is_one_error_line(run_dir, tmp_path, capsys, monkeypatch, command):
+    """A read-only folder (simulated: the tests may run as root, who may write anywhere)."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(locked) else real_access(p, mode))
+    out = str(locked / ("grid.png" if command == "sample" else "out"))
+    argv = {
+        "train": _train_args(out, 1),
+        "sample": ["sample", "--checkpoint", str(run_dir / "best.pt"), "--out", out, "--device", "cpu"],
+        "analyze": ["analyze", "--checkpoint", str(run_dir / "best.pt"), "--out", out, "--device", "cpu"],
+        "demo": ["demo", "--epochs", "1", "--out", out, "--no-progress"],
+    }[command]
+    assert main(argv) == 2
+    assert f"cannot write in {locked} (permission denied)" in _one_error_line(capsys.readouterr().err)
+    assert list(locked.iterdir()) == []
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root may write in a read-only folder")
+def test_a_really_read_only_out_is_one_error_line(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        assert main(_train_args(locked / "run", 1)) == 2
+        assert "permission denied" in _one_error_line(capsys.readouterr().err)
+    finally:
+        locked.chmod(0o755)
+
+
 @pytest.mark.parametrize(
     "extra, expected",
     [

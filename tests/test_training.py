@@ -179,6 +179,40 @@ def test_wrong_models_are_one_short_error(tmp_path):
     assert list(tmp_path.iterdir()) == []  # a failed start writes nothing
 
 
+class SpoilAt(Hook):
+    """Scales every parameter of the model by 3 at the start of epoch ``epoch``: that epoch ends worse."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_epoch_start(self, run, epoch, num_batches):
+        if epoch == self.epoch:
+            with torch.no_grad():
+                for p in run.model.parameters():
+                    p.mul_(3.0)
+
+
+def test_the_final_test_measures_best_pt_not_the_last_epoch(tmp_path):
+    from flowkit.data import load_splits
+    from flowkit.training.evaluation import bpd_sum
+    from flowkit.training.runtime import seed_all
+
+    config = tiny_config(tmp_path, epochs=2)
+    result = train(config, hooks=[SpoilAt(1)])
+    assert result.best_epoch == 1 and result.history[1].val_bpd > result.history[0].val_bpd
+
+    test_loader = torch.utils.data.DataLoader(load_splits("digits")["test"], batch_size=16)
+
+    def test_bpd(path):
+        model, _ = load_checkpoint(path)
+        seed_all(config.seed, 0, 1)  # the final evaluation's noise
+        total, count = bpd_sum(model, test_loader, config.importance_samples, config.max_eval_batches)
+        return float(total) / count
+
+    assert result.test_bpd == pytest.approx(test_bpd(tmp_path / "best.pt"), abs=1e-6)
+    assert abs(result.test_bpd - test_bpd(tmp_path / "last.pt")) > 1e-3  # the check can tell them apart
+
+
 # -- non-finite steps ----------------------------------------------------------------------------
 
 

@@ -41,6 +41,7 @@ __all__ = [
     "ModelRecipe",
     "load_checkpoint",
     "read_checkpoint",
+    "restore_model",
     "save_checkpoint",
 ]
 
@@ -261,7 +262,8 @@ def _no_recipe_message(path: Path, checkpoint: Checkpoint) -> str:
     )
 
 
-def _load_state(model: nn.Module, checkpoint: Checkpoint, path: Path) -> None:
+def restore_model(model: nn.Module, checkpoint: Checkpoint, path: str | os.PathLike) -> None:
+    """Load ``checkpoint``'s weights into ``model``; :class:`CheckpointError` when they do not fit."""
     shape, levels = getattr(model, "image_shape", checkpoint.image_shape), getattr(model, "num_levels", None)
     if tuple(shape) != tuple(checkpoint.image_shape) or levels not in (None, checkpoint.num_levels):
         raise CheckpointError(
@@ -303,7 +305,7 @@ def load_checkpoint(
         if checkpoint.recipe is None:
             raise CheckpointError(_no_recipe_message(path, checkpoint))
         model = checkpoint.recipe.build()
-    _load_state(model, checkpoint, path)
+    restore_model(model, checkpoint, path)
     model.to(resolve_device("auto" if device is None else device))
     model.eval()
     return LoadedCheckpoint(model, checkpoint)

@@ -19,7 +19,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Seque
 from flowkit.data import DatasetInfo, ImageDataset, dataset_info, load_splits
 from flowkit.errors import UserError
 from flowkit.models import ImageFlow, ModelBuildError
-from flowkit.training.checkpoint import Checkpoint, CheckpointError, ModelRecipe, load_checkpoint, read_checkpoint
+from flowkit.training.checkpoint import Checkpoint, CheckpointError, ModelRecipe, read_checkpoint, restore_model
 from flowkit.training.config import TrainConfig, conflict_message
 from flowkit.training.distributed import DistributedContext
 from flowkit.training.distributed import setup as setup_distributed
@@ -135,7 +135,7 @@ class Run:
         if self.best_epoch is None or self.best_epoch == self.epoch or not self.files.best.is_file():
             return self.model
         best = copy.deepcopy(self.model)
-        best.load_state_dict(read_checkpoint(self.files.best).state_dict)
+        restore_model(best, read_checkpoint(self.files.best), self.files.best)
         return best
 
 
@@ -268,8 +268,7 @@ def _assemble(config, ctx, files, model, recipe, splits, hooks, stored) -> Run:
     device = ctx.device
     model.to(device)
     if stored is not None:
-        load_checkpoint(files.last, model=model, device=device)
-        model.train()
+        restore_model(model, stored, files.last)
     else:
         _initialize(model, config, splits["train"], device)
     ctx.broadcast_module(model)  # every rank starts from rank 0's parameters and buffers
