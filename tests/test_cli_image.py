@@ -95,6 +95,8 @@ def test_resume_refuses_a_changed_option_naming_its_flag(run_dir, capsys):
     assert main(["train", "--out", str(run_dir), "--epochs", "3", "--resume", "--lr", "0.01"]) == 2
     line = _one_error_line(capsys.readouterr().err)
     assert "--lr is 0.01 but the run was started with 0.001" in line and "--epochs" in line
+    assert main(["train", "--out", str(run_dir), "--resume", "--overwrite"]) == 2
+    assert "overwrite: a resumed run continues the run in out" in _one_error_line(capsys.readouterr().err)
     assert main(["train", "--out", str(run_dir), "--resume", "--batch-size", "16", "--epochs", "1"]) == 0  # same value
     assert (run_dir / "last.pt").read_bytes() == before  # epochs=1 < 2 done: nothing to train
 
@@ -222,6 +224,7 @@ def test_a_really_read_only_out_is_one_error_line(tmp_path, capsys):
         (["--data", "svhn"], "data: expected one of 'digits'"),
         (["--val-size", "5000"], "val_size: 5000 leaves no training images"),
         (["--resume", "--out", "{tmp}/none"], "resume: no checkpoint at"),
+        (["--resume", "--overwrite", "--out", "{tmp}/none"], "resume: no checkpoint at"),
         (["--device", "cuda"], "CUDA is not available"),
     ],
 )
@@ -276,6 +279,7 @@ def _readme_training_blocks() -> list[tuple[str, str]]:
 FEWER_EPOCHS = {"40": "1", "60": "2", "10": "1", "20": "2"}
 
 
+@pytest.mark.slow
 def test_readme_training_commands_run_as_written(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -304,6 +308,7 @@ def test_readme_training_commands_run_as_written(tmp_path, monkeypatch, capsys):
 # -- a user's own flow by import path, in fresh processes -------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_user_module_flow_trains_and_a_fresh_process_evaluates_samples_and_analyzes_it(tmp_path):
     shutil.copy(Path(__file__).with_name("user_flows.py"), tmp_path / "my_flows.py")
     train = [str(FLOWKIT), "train", "--model", "my_flows:hand_glow", "--model-kwargs", '{"hidden": 4, "steps": 1}']
@@ -332,6 +337,7 @@ sys.exit(max(codes))
 # -- signals -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_within_a_second_keeps_the_checkpoint_and_says_how_to_resume(tmp_path):
     out = tmp_path / "run"
     cmd = [str(FLOWKIT), *_train_args(out, 10_000)]

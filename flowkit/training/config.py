@@ -127,7 +127,7 @@ class TrainConfig:
         for name in ("resume", "overwrite", "progress", "tensorboard"):
             check_bool(name, getattr(self, name))
         if self.resume and self.overwrite:
-            raise ValueError("overwrite: resume=True continues the run in out; it cannot also replace it")
+            raise ValueError("overwrite: a resumed run continues the run in out, it cannot also replace it; choose one")
         if self.model is not None:
             check_model_name(self.model, "model")
         if not isinstance(self.out, (str, os.PathLike)) or not str(self.out):
@@ -198,7 +198,8 @@ def resume_config(out: str | os.PathLike, label: Callable[[str], str] = _label, 
     if unknown:
         raise TypeError(f"changes: {', '.join(unknown)} are not TrainConfig options")
     config = TrainConfig(**{**{k: v for k, v in stored.items() if k in known}, **changes})
-    config.out, config.resume, config.overwrite = str(out), True, False
+    # the stored run may have been started with overwrite: that was then, not now
+    config.out, config.resume, config.overwrite = str(out), True, changes.get("overwrite", False)
     message = conflict_message(stored, config, path, label)
     if message:
         raise RunFolderError(message)

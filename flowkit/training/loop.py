@@ -98,8 +98,9 @@ def train_step(run: Run, x: torch.Tensor, meter: StepMeter) -> None:
     meter.update(loss.detach(), ok, x.shape[0])
 
 
-def _validation_bpd(run: Run) -> float:
-    total, count = bpd_sum(run.model, run.loaders["val"], 1, run.config.max_eval_batches, validate=False)
+def _mean_bpd(run: Run, model: ImageFlow, split: str, importance_samples: int) -> float:
+    """Mean bits/dim of ``model`` on a split (this rank's shard), summed over the ranks."""
+    total, count = bpd_sum(model, run.loaders[split], importance_samples, run.config.max_eval_batches, validate=False)
     total, count = run.ctx.sum_tensor(torch.stack([total, total.new_tensor(count)])).tolist()
     return total / count if count else math.nan
 
@@ -124,21 +125,16 @@ def train_epoch(run: Run, epoch: int, meter: StepMeter) -> EpochRecord:
     stats = meter.read(run.ctx)
     run.call("on_sync", epoch, stats)  # the non-finite policy looks before anything is saved
     run.scheduler.step()
-    val_bpd = _validation_bpd(run)
+    val_bpd = _mean_bpd(run, run.model, "val", 1)
     run.train_time_s += time.perf_counter() - t0
     return EpochRecord(epoch + 1, stats.train_bpd, val_bpd, lr, stats.skipped, round(run.train_time_s, 3))
 
 
 def _test_bpd(run: Run, model: ImageFlow) -> float | None:
-    config = run.config
-    if config.importance_samples == 0:
+    if run.config.importance_samples == 0:
         return None
-    seed_all(config.seed, run.ctx.rank, 1)  # the final evaluation's noise
-    total, count = bpd_sum(
-        model, run.loaders["test"], config.importance_samples, config.max_eval_batches, False, "test", False
-    )
-    total, count = run.ctx.sum_tensor(torch.stack([total, total.new_tensor(count)])).tolist()
-    return total / count if count else math.nan
+    seed_all(run.config.seed, run.ctx.rank, 1)  # the final evaluation's noise
+    return _mean_bpd(run, model, "test", run.config.importance_samples)
 
 
 def _result(run: Run, test_bpd: float | None) -> TrainResult:
