@@ -125,14 +125,13 @@ def main(argv=None) -> dict:
                 seed=args.seed,
                 device=args.device,
                 out=str(out / kind),
+                overwrite=True,  # an example replaces its previous runs
                 progress=not args.quick,
                 num_samples=16,
             )
         )
-        model, _ = load_checkpoint(
-            result["files"]["best"] if Path(result["files"]["best"]).is_file() else result["files"]["last"],
-            device=args.device,
-        )
+        files = result.files
+        model, _ = load_checkpoint(files.best if files.best.is_file() else files.last, device=args.device)
         device = model.device
         torch.manual_seed(args.seed)
         bpd = {
@@ -153,8 +152,8 @@ def main(argv=None) -> dict:
                 "inference_s": inference,
                 "sampling_s": sampling,
                 "parameters": model.num_parameters(),
-                "train_time_s": result["train_time_s"],
-                "epochs": result["epochs"],
+                "train_time_s": result.train_time_s,
+                "epochs": result.epochs,
             }
         )
         models[kind] = model

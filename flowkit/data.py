@@ -3,7 +3,10 @@
 Every split is an :class:`ImageDataset` whose items are ``(image, label)`` with ``image`` a
 ``torch.long`` tensor ``[C, H, W]`` holding levels in ``[0, num_levels)`` and ``label`` an
 ``int``; the whole split is also available as one ``uint8`` tensor (``dataset.images``) for
-fast batching.
+fast batching, and ``dataset[indices]`` (a list or tensor of indices) gives a whole batch
+``(images [B, C, H, W] long, labels [B])`` in one indexing operation.  An ``ImageDataset``
+checks its pixel values once, when it is made, so a trainer can skip the per-batch check
+(``model.bpd(x, validate=False)``).
 
 * ``digits``: scikit-learn's 8x8 handwritten digits (1,797 images, values 0..16, so 17
   levels), shipped inside scikit-learn -- no download, the default everywhere.  There is no
@@ -26,6 +29,9 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
+
+from flowkit.errors import UserError
+from flowkit.validation import check_image_batch, check_int
 
 __all__ = ["DATASETS", "DatasetInfo", "DatasetNotFoundError", "ImageDataset", "dataset_info", "load_splits"]
 
@@ -53,7 +59,7 @@ _INFO = {
 }
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(UserError, FileNotFoundError):
     """A torchvision data set is not on disk and could not be downloaded."""
 
 
@@ -84,7 +90,13 @@ class ImageDataset(Dataset):
         indices: the row of each image in its source (sklearn's digits, or the official
             training/test file), for reproducibility; default ``arange(N)``.
 
-    Items are ``(images[i].long(), int(labels[i]))``.
+    Items are ``(images[i].long(), int(labels[i]))``; ``dataset[indices]`` with a list or
+    tensor of indices is the batch ``(images[indices].long(), labels[indices])``.
+
+    Raises:
+        TypeError: ``images`` is not an integer tensor.
+        ValueError: a wrong shape, or a pixel value outside ``[0, num_levels)`` (checked once,
+            here: one pass over the images).
     """
 
     def __init__(
@@ -95,17 +107,15 @@ class ImageDataset(Dataset):
         name: str = "",
         indices: torch.Tensor | None = None,
     ):
-        if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.is_floating_point():
-            raise ValueError(
-                f"images: expected an integer tensor [N, C, H, W], got {getattr(images, 'shape', images)!r}"
-            )
+        check_int("num_levels", num_levels, low=1)
+        check_image_batch(images, "images", num_levels)
         if not isinstance(labels, torch.Tensor) or labels.shape != images.shape[:1]:
             raise ValueError(
                 f"labels: expected a tensor of shape [{images.shape[0]}], got {getattr(labels, 'shape', labels)!r}"
             )
         self.images = images
         self.labels = labels.long()
-        self.num_levels = int(num_levels)
+        self.num_levels = num_levels
         self.name = name
         self.indices = torch.arange(images.shape[0]) if indices is None else torch.as_tensor(indices).long()
         if self.indices.shape != self.labels.shape:
@@ -114,12 +124,18 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index):
+        """``(image [C, H, W], label)`` for an int; ``(images [B, C, H, W], labels [B])`` for a
+        list or tensor of indices (what a ``BatchSampler`` yields)."""
+        if isinstance(index, (list, tuple, torch.Tensor)):
+            rows = torch.as_tensor(index, dtype=torch.long)
+            return self.images[rows].long(), self.labels[rows]
         return self.images[index].long(), int(self.labels[index])
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        return tuple(self.images.shape[1:])
+        c, h, w = self.images.shape[1:]
+        return c, h, w
 
     def subset(self, indices: torch.Tensor, name: str | None = None) -> ImageDataset:
         """A new dataset with the given rows (copies, so the parent can be freed)."""

@@ -203,3 +203,29 @@ def test_loader_works_in_a_data_loader():
     ds = load_splits("digits")["val"]
     x, y = next(iter(torch.utils.data.DataLoader(ds, batch_size=16)))
     assert x.shape == (16, 1, 8, 8) and x.dtype == torch.long and y.dtype == torch.long
+
+
+def test_a_dataset_checks_its_pixel_values_once_when_it_is_made():
+    images = torch.randint(0, 17, (6, 1, 8, 8), dtype=torch.uint8)
+    ds = ImageDataset(images.clone(), torch.zeros(6, dtype=torch.long), 17)
+    images[2, 0, 3, 3] = 17
+    with pytest.raises(ValueError, match=r"images: values must lie in \[0, 17\).*max 17"):
+        ImageDataset(images, torch.zeros(6, dtype=torch.long), 17)
+    with pytest.raises(TypeError, match="images: expected integer images"):
+        ImageDataset(images.float(), torch.zeros(6, dtype=torch.long), 17)
+    with pytest.raises(TypeError, match="num_levels"):
+        ImageDataset(ds.images, ds.labels, 17.0)
+    with pytest.raises(ValueError, match="labels"):
+        ImageDataset(ds.images, torch.zeros(5, dtype=torch.long), 17)
+
+
+def test_a_list_of_indices_is_a_whole_batch():
+    ds = load_splits("digits")["val"]
+    for rows in ([3, 0, 7], torch.tensor([3, 0, 7])):
+        images, labels = ds[rows]
+        assert images.dtype == torch.long and images.shape == (3, 1, 8, 8)
+        assert torch.equal(images, torch.stack([ds[i][0] for i in (3, 0, 7)]))
+        assert labels.tolist() == [ds[i][1] for i in (3, 0, 7)]
+    sampler = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(ds), 16, drop_last=False)
+    x, y = next(iter(torch.utils.data.DataLoader(ds, sampler=sampler, batch_size=None)))
+    assert x.shape == (16, 1, 8, 8) and torch.equal(x, ds.images[:16].long()) and y.shape == (16,)

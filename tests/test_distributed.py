@@ -14,10 +14,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import flowkit.training as training
+import flowkit.training.hooks
+import flowkit.training.run
 from flowkit.distributed import DistributedContext, setup
 from flowkit.layers.dequantization import Dequantization
-from flowkit.training import TrainConfig, train
+from flowkit.models import build_model
+from flowkit.training import ConfigError, TrainConfig, train
 
 TINY = {"levels": 1, "steps_per_level": 1, "hidden_channels": 4, "num_layers": 0, "dequantization": "uniform"}
 GLOBAL_BATCH = 16
@@ -59,10 +61,11 @@ def _fixed_noise(inputs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.frac(0.5 + 0.6180339887 * inputs.to(dtype) + 0.7548776662 * pos)
 
 
-def _instrument(setattr_, record: dict, poison_call: int | None) -> None:
-    """Fixed noise (the RNG's noise is still drawn and its first draw recorded), capture of the
-    trained model, NaN loss on training call ``poison_call``, and a count of checkpoint writes."""
-    record.update(noise=None, model=None, saves=0, calls=0)
+def _instrument(setattr_, record: dict, poison_call: int | None):
+    """Fixed noise (the RNG's noise is still drawn and its first draw recorded), a count of
+    checkpoint writes, and the model to train (an instance, as a user passes one) with a NaN loss
+    on training call ``poison_call``."""
+    record.update(noise=None, saves=0, calls=0)
     real_noise = Dequantization.sample_noise
 
     def sample_noise(self, inputs):
@@ -71,34 +74,29 @@ def _instrument(setattr_, record: dict, poison_call: int | None) -> None:
             record["noise"] = drawn.flatten()[:64].clone()
         return _fixed_noise(inputs, drawn.dtype)
 
-    build = training._build_model
+    save = flowkit.training.hooks.save_checkpoint
 
-    def build_instrumented(spec):
-        model = build(spec)
-        if record["model"] is None:  # the trained model (later builds: load_checkpoint)
-            record["model"] = model
-            clean_bpd = model.bpd
-
-            def bpd(x):
-                if model.training:
-                    record["calls"] += 1
-                out = clean_bpd(x)
-                if model.training and record["calls"] == poison_call:
-                    return out * torch.nan
-                return out
-
-            model.bpd = bpd
-        return model
-
-    save = training.save_checkpoint
-
-    def counting_save(payload, path):
+    def counting_save(checkpoint, path):
         record["saves"] += 1
-        return save(payload, path)
+        return save(checkpoint, path)
 
     setattr_(Dequantization, "sample_noise", sample_noise)
-    setattr_(training, "_build_model", build_instrumented)
-    setattr_(training, "save_checkpoint", counting_save)
+    setattr_(flowkit.training.hooks, "save_checkpoint", counting_save)
+
+    torch.manual_seed(5)  # every rank builds the same model (and train() broadcasts rank 0's anyway)
+    model = record["model"] = build_model("glow", (1, 8, 8), 17, **TINY)
+    clean_bpd = model.bpd
+
+    def bpd(x, **kwargs):
+        if model.training:
+            record["calls"] += 1
+        out = clean_bpd(x, **kwargs)
+        if model.training and record["calls"] == poison_call:
+            return out * torch.nan
+        return out
+
+    model.bpd = bpd
+    return model
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -120,15 +118,20 @@ def _worker(rank: int, world: int, port: int, out: str, results: str) -> None:
     )
     torch.set_num_threads(1)
     record: dict = {}
-    _instrument(setattr, record, poison_call=2 if rank == 1 else None)  # a NaN loss on rank 1 only
-    result = train(_config(out))
+    model = _instrument(setattr, record, poison_call=2 if rank == 1 else None)  # a NaN loss on rank 1 only
+    result = train(_config(out, model=None), model=model)
     assert not dist.is_initialized(), "train() must destroy the process group it created"
     torch.save(
         {
             "state": record["model"].state_dict(),
             "noise": record["noise"],
             "saves": record["saves"],
-            "result": {k: result[k] for k in ("history", "test_bpd", "skipped_steps", "world_size")},
+            "result": {
+                "history": [h.to_dict() for h in result.history],
+                "test_bpd": result.test_bpd,
+                "skipped_steps": result.skipped_steps,
+                "world_size": result.world_size,
+            },
         },
         os.path.join(results, f"rank{rank}.pt"),
     )
@@ -138,9 +141,9 @@ def _single_process(out, batch_size: int = GLOBAL_BATCH) -> tuple[dict, dict]:
     """``(final state_dict, summary)`` of an instrumented one-process run."""
     record: dict = {}
     with pytest.MonkeyPatch.context() as mp_:
-        _instrument(mp_.setattr, record, poison_call=2)
-        result = train(_config(out, batch_size))
-    return record["model"].state_dict(), result
+        model = _instrument(mp_.setattr, record, poison_call=2)
+        result = train(_config(out, batch_size, model=None), model=model)
+    return model.state_dict(), result
 
 
 @pytest.fixture(scope="module")
@@ -189,10 +192,10 @@ def test_ranks_end_identical_and_match_one_process_on_the_same_global_batch(runs
     assert half > 100 * 1e-5, half
 
     # metrics reduced over the ranks equal the single-process ones (fixed noise: deterministic bpd)
-    for a, b in zip(r0["result"]["history"], single["history"], strict=True):
-        assert a["val_bpd"] == pytest.approx(b["val_bpd"], abs=1e-4)
-        assert a["train_bpd"] == pytest.approx(b["train_bpd"], abs=1e-4)
-    assert r0["result"]["test_bpd"] == pytest.approx(single["test_bpd"], abs=1e-4)
+    for a, b in zip(r0["result"]["history"], single.history, strict=True):
+        assert a["val_bpd"] == pytest.approx(b.val_bpd, abs=1e-4)
+        assert a["train_bpd"] == pytest.approx(b.train_bpd, abs=1e-4)
+    assert r0["result"]["test_bpd"] == pytest.approx(single.test_bpd, abs=1e-4)
     untimed = [[{k: v for k, v in h.items() if k != "time_s"} for h in r["result"]["history"]] for r in (r0, r1)]
     assert untimed[0] == untimed[1]  # every rank returns the same reduced metrics
     assert r0["result"]["test_bpd"] == r1["result"]["test_bpd"]
@@ -260,9 +263,12 @@ def test_torchrun_cli_trains_on_two_processes(tmp_path):
 
 
 def test_global_batch_must_divide_over_the_ranks(tmp_path, monkeypatch):
-    monkeypatch.setattr(training, "setup_distributed", lambda device: DistributedContext(rank=0, world_size=3))
-    with pytest.raises(ValueError, match="batch_size: 16 is the global batch .* 3 processes"):
+    monkeypatch.setattr(
+        flowkit.training.run, "setup_distributed", lambda device: DistributedContext(rank=0, world_size=3)
+    )
+    with pytest.raises(ConfigError, match="batch_size: 16 is the global batch .* 3 processes"):
         train(_config(tmp_path))
+    assert not tmp_path.joinpath("last.pt").exists()
 
 
 def test_setup_outside_torchrun_is_a_world_of_one(monkeypatch):

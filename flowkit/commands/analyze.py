@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from flowkit.cli import check_output, user_input
 from flowkit.io import write_json
 
 __all__ = ["register"]
@@ -26,19 +27,27 @@ def _run(args) -> int:
 
     from flowkit.analysis import analyze
     from flowkit.data import load_splits
-    from flowkit.training import load_checkpoint
+    from flowkit.training import load_checkpoint, resolve_device
+    from flowkit.validation import check_int
 
-    model, payload = load_checkpoint(args.checkpoint, device=args.device)
-    config = payload.get("config", {})
+    with user_input():
+        check_int("--num-images", args.num_images, low=2)
+        device = resolve_device(args.device)
+    check_output(args.out, folder=True)
+    model, checkpoint = load_checkpoint(args.checkpoint, device=device)
+    config = checkpoint.config
     data = args.data or config.get("data", "digits")
     root = args.data_root or config.get("data_root", "data")
     images = load_splits(data, root=root, download=False)[args.split].images[: args.num_images].long()
-    if images.shape[0] < 2:
-        raise SystemExit(f"--num-images: need at least 2 images, the {args.split} split gave {images.shape[0]}")
+    with user_input():
+        if images.shape[0] < 2:
+            raise ValueError(f"--num-images: need at least 2 images, the {args.split} split gave {images.shape[0]}")
+        if tuple(images.shape[1:]) != tuple(checkpoint.image_shape):
+            raise ValueError(
+                f"--data: {data} has images {tuple(images.shape[1:])}, the model takes {checkpoint.image_shape}"
+            )
     torch.manual_seed(args.seed)
-    files = analyze(
-        model, images, args.out, temperatures=args.temperatures, seed=args.seed, name=payload["model"]["name"]
-    )
+    files = analyze(model, images, args.out, temperatures=args.temperatures, seed=args.seed, name=checkpoint.model_name)
     index = {name: str(path) for name, path in files.items()}
     write_json(Path(args.out) / "analysis.json", {"checkpoint": str(args.checkpoint), "files": index})
     for name, path in index.items():

@@ -3,7 +3,8 @@
 Prints a table with the test bits/dim (importance-sampled), the parameter count and the time,
 next to the digits' independent-pixel baseline (a per-pixel histogram with add-one smoothing,
 fitted on the training split), and writes samples, curves, metrics and checkpoints under
-``runs/demo/``.
+``runs/demo/``.  Running the demo again replaces an earlier demo run in ``--out``; a folder
+holding any other run is refused, as ``flowkit train`` refuses it.
 """
 
 from __future__ import annotations
@@ -25,22 +26,21 @@ DEMO_EPOCHS = 40
 DEMO_LR = 2e-3
 
 
-def _stack(split):
-    import torch
+def _is_demo_run(out: str) -> bool:
+    """``out`` holds a run the demo wrote (its metrics.json says so), which the demo may replace."""
+    import json
+    from pathlib import Path
 
-    return torch.stack([x for x, _ in split])
+    try:
+        config = json.loads((Path(out) / "metrics.json").read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return config.get("data") == "digits" and config.get("model_kwargs") == DEMO_MODEL_KWARGS
 
 
 def _run(args) -> int:
-    import torch
-
     from flowkit.data import dataset_info, load_splits
-    from flowkit.training import NonFiniteLossError, TrainConfig, independent_pixel_bpd, train
-
-    if args.threads:
-        # the demo's model is tiny: extra intra-op threads cost more in synchronisation than
-        # they gain, and a busy CPU makes them spin (3x-30x slower steps measured on 2 cores)
-        torch.set_num_threads(args.threads)
+    from flowkit.training import TrainConfig, independent_pixel_bpd, train
 
     config = TrainConfig(
         data="digits",
@@ -56,6 +56,10 @@ def _run(args) -> int:
         max_train_batches=args.max_train_batches,
         sample_temperature=args.temperature,
         progress=not args.no_progress,
+        # the demo's model is tiny: extra intra-op threads cost more in synchronisation than
+        # they gain, and a busy CPU makes them spin (3x-30x slower steps measured on 2 cores)
+        threads=args.threads,
+        overwrite=_is_demo_run(args.out),
     )
     kw = config.model_kwargs
     print(
@@ -65,24 +69,20 @@ def _run(args) -> int:
         flush=True,
     )
     t0 = time.perf_counter()
-    try:
-        result = train(config)
-    except NonFiniteLossError as err:
-        print(f"error: {err}")
-        return 1
+    result = train(config)  # a non-finite stop is reported by the command line (exit 1)
     wall = time.perf_counter() - t0
 
     info = dataset_info("digits")
     splits = load_splits("digits")
-    baseline = independent_pixel_bpd(_stack(splits["train"]), _stack(splits["test"]), info.num_levels)
-    test = result["test_bpd"]
+    baseline = independent_pixel_bpd(splits["train"].images, splits["test"].images, info.num_levels)
+    test = result.test_bpd
     rows = [
         ("independent-pixel baseline", "histogram/pixel", f"{64 * (info.num_levels - 1):,}", "-", f"{baseline:.3f}"),
         (
             f"glow (L={kw['levels']}, K={kw['steps_per_level']})",
-            f"{result['epochs']} epochs",
-            f"{result['num_parameters']:,}",
-            f"{result['train_time_s']:.0f}s train / {wall:.0f}s all",
+            f"{result.epochs} epochs",
+            f"{result.num_parameters:,}",
+            f"{result.train_time_s:.0f}s train / {wall:.0f}s all",
             "-" if test is None else f"{test:.3f}",
         ),
     ]
@@ -101,16 +101,14 @@ def _run(args) -> int:
         verdict = "below" if test < baseline else "NOT below"
         print(
             f"\ntest bpd {test:.3f} is {verdict} the independent-pixel baseline {baseline:.3f} "
-            f"({baseline - test:+.3f} bits/dim; best val bpd {result['best_val_bpd']:.3f} at epoch {result['best_epoch']})"
+            f"({baseline - test:+.3f} bits/dim; best val bpd {result.best_val_bpd:.3f} at epoch {result.best_epoch})"
         )
-    files = result["files"]
-    print(f"\nfiles in {result['out']}/:")
-    print(
-        f"  samples.png   {config.num_samples} samples at temperature {config.sample_temperature}: {files['samples']}"
-    )
-    print(f"  curves.png    train/val bits/dim per epoch: {files['curves']}")
+    files = result.files
+    print(f"\nfiles in {result.out}/:")
+    print(f"  samples.png   {config.num_samples} samples at temperature {config.sample_temperature}: {files.samples}")
+    print(f"  curves.png    train/val bits/dim per epoch: {files.curves}")
     print("  metrics.csv / metrics.json, best.pt / last.pt")
-    print(f"more: flowkit sample --checkpoint {files['best']} --n 64 --temperature 0.7 --out grid.png")
+    print(f"more: flowkit sample --checkpoint {files.best} --n 64 --temperature 0.7 --out grid.png")
     return 0 if test is None or test < baseline else 1
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+
+from flowkit.cli import user_input
+
 __all__ = ["register"]
 
 
@@ -9,26 +13,30 @@ def _run(args) -> int:
     from torch.utils.data import DataLoader
 
     from flowkit.data import load_splits
-    from flowkit.training import evaluate, load_checkpoint
+    from flowkit.training import evaluate, load_checkpoint, resolve_device
+    from flowkit.training.runtime import cpu_threads, default_threads
+    from flowkit.validation import check_int, check_optional_int
 
-    try:
-        model, payload = load_checkpoint(args.checkpoint, args.device)
-        config = payload["config"]
+    with user_input():
+        check_int("--importance-samples", args.importance_samples, low=1)
+        check_int("--batch-size", args.batch_size, low=1)
+        check_optional_int("--max-batches", args.max_batches, low=1)
+        check_optional_int("--threads", args.threads, low=0)
+        device = resolve_device(args.device)
+    with cpu_threads(default_threads(args.threads, device)):
+        model, checkpoint = load_checkpoint(args.checkpoint, device=device)
+        config = checkpoint.config
         kwargs = {} if config.get("val_size") is None else {"val_size": config["val_size"]}
-        splits = load_splits(config["data"], root=args.data_root or config["data_root"], **kwargs)
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        print(f"error: {err}")
-        return 2
-    data = splits[args.split]
-    loader = DataLoader(data, batch_size=args.batch_size, shuffle=False)
-    bpd = evaluate(
-        model,
-        loader,
-        importance_samples=args.importance_samples,
-        max_batches=args.max_batches,
-        progress=not args.no_progress,
-        desc=args.split,
-    )
+        data = load_splits(config["data"], root=args.data_root or config["data_root"], **kwargs)[args.split]
+        loader = DataLoader(data, batch_size=args.batch_size, shuffle=False)
+        bpd = evaluate(
+            model,
+            loader,
+            importance_samples=args.importance_samples,
+            max_batches=args.max_batches,
+            progress=not args.no_progress and sys.stdout.isatty(),
+            desc=args.split,
+        )
     n = len(data) if args.max_batches is None else min(len(data), args.max_batches * args.batch_size)
     how = (
         "one-sample bound"
@@ -36,8 +44,8 @@ def _run(args) -> int:
         else f"importance sampling, {args.importance_samples} samples"
     )
     print(
-        f"{args.split} bpd: {bpd:.4f} ({how}; {n} images of {config['data']}; {payload['model']['name']} "
-        f"from epoch {payload['epoch']})"
+        f"{args.split} bpd: {bpd:.4f} ({how}; {n} images of {config['data']}; {checkpoint.model_name} "
+        f"from epoch {checkpoint.epoch})"
     )
     return 0
 
@@ -50,6 +58,7 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-batches", type=int, default=None, help="evaluate on this many batches only")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: 1 on the CPU)")
     p.add_argument("--data-root", default=None, help="default: the run's --data-root")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (it shows only on a terminal)")
     p.set_defaults(func=_run)

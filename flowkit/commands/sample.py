@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from flowkit.cli import check_output, user_input
+
 __all__ = ["register"]
 
 
@@ -9,27 +11,22 @@ def _run(args) -> int:
     import torch
 
     from flowkit.training import load_checkpoint, resolve_device
+    from flowkit.validation import check_float, check_int
     from flowkit.viz import save_image_grid
 
-    if args.n < 1:
-        print(f"error: --n: expected a positive int, got {args.n}")
-        return 2
-    if not args.temperature > 0:
-        print(f"error: --temperature: expected a positive float, got {args.temperature}")
-        return 2
-    try:
+    with user_input():
+        check_int("--n", args.n, low=1)
+        check_float("--temperature", args.temperature, low=0, low_open=True)
         device = resolve_device(args.device)
-        model, payload = load_checkpoint(args.checkpoint, device)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}")
-        return 2
+    check_output(args.out)
+    model, checkpoint = load_checkpoint(args.checkpoint, device=device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     images = model.sample(args.n, temperature=args.temperature, generator=gen)
     path = save_image_grid(
         images,
         args.out,
         model.num_levels,
-        title=f"{payload['model']['name']}, epoch {payload['epoch']}, T={args.temperature}",
+        title=f"{checkpoint.model_name}, epoch {checkpoint.epoch}, T={args.temperature}",
     )
     print(f"wrote {args.n} samples (temperature {args.temperature}) to {path}")
     return 0

@@ -1,5 +1,12 @@
 """``flowkit train``: train an image flow (see :func:`flowkit.training.train`).
 
+``--model`` is a registry name (glow, simple, vardeq, multiscale) or an import path
+``package.module:function`` called as ``function(image_shape, num_levels, **model_kwargs)``;
+the current folder is on the import path.  ``--resume`` continues the run in ``--out`` with
+its stored options: only the ones in :data:`~flowkit.training.MAY_CHANGE_ON_RESUME`
+(``--epochs``, ``--device``, ``--threads``, ...) may be given differently.  A folder that
+already holds a run is refused unless ``--resume`` or ``--overwrite`` is given.
+
 On several processes: ``torchrun --nproc_per_node=N -m flowkit train ...`` (DistributedDataParallel;
 ``--batch-size`` is the global batch, split evenly over the N processes; rank 0 prints and writes).
 """
@@ -7,9 +14,22 @@ On several processes: ``torchrun --nproc_per_node=N -m flowkit train ...`` (Dist
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import shlex
+from typing import Any
 
-__all__ = ["register", "config_from_args"]
+from flowkit.cli import user_input
+
+__all__ = ["register", "config_from_args", "flag"]
+
+# TrainConfig fields whose flag is not "--" + the field name with dashes
+_FLAGS = {"sample_temperature": "--temperature", "progress": "--no-progress"}
+
+
+def flag(field: str) -> str:
+    """The ``flowkit train`` flag of a :class:`~flowkit.training.TrainConfig` field."""
+    return _FLAGS.get(field, "--" + field.replace("_", "-"))
 
 
 def _json_dict(text: str) -> dict:
@@ -24,118 +44,121 @@ def _json_dict(text: str) -> dict:
     return value
 
 
-def config_from_args(args):
-    """The :class:`~flowkit.training.TrainConfig` the parsed ``flowkit train`` flags describe."""
+def _given(args) -> dict[str, Any]:
+    """The options given on the command line (flags left out are None: argparse sentinels)."""
     from flowkit.training import TrainConfig
 
-    model_kwargs = dict(args.model_kwargs)
-    if getattr(args, "memory_saving", False):
-        model_kwargs["memory_saving"] = True
-    return TrainConfig(
-        data=args.data,
-        model=args.model,
-        model_kwargs=model_kwargs,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        lr_decay=args.lr_decay,
-        grad_clip=args.grad_clip,
-        seed=args.seed,
-        device=args.device,
-        out=args.out,
-        resume=args.resume,
-        importance_samples=args.importance_samples,
-        data_root=args.data_root,
-        val_size=args.val_size,
-        num_workers=args.num_workers,
-        max_train_batches=args.max_train_batches,
-        max_eval_batches=args.max_eval_batches,
-        sample_temperature=args.temperature,
-        progress=not args.no_progress,
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    return {name: value for name, value in vars(args).items() if name in fields and value is not None}
+
+
+def config_from_args(args):
+    """The :class:`~flowkit.training.TrainConfig` the parsed ``flowkit train`` flags describe:
+    the given flags over the defaults, or with ``--resume`` over the stored run's options."""
+    from flowkit.training import TrainConfig, resume_config
+
+    given = _given(args)
+    if not given.get("resume"):
+        if args.memory_saving:
+            given["model_kwargs"] = {**given.get("model_kwargs", {}), "memory_saving": True}
+        return TrainConfig(**given)
+    out = given.pop("out", TrainConfig.out)
+    if args.memory_saving and "model_kwargs" not in given:
+        given["model_kwargs"] = resume_config(out, label=flag).model_kwargs
+    if args.memory_saving:
+        given["model_kwargs"] = {**given["model_kwargs"], "memory_saving": True}
+    return resume_config(out, label=flag, **given)
+
+
+def _report(result) -> None:
+    test = (
+        "skipped"
+        if result.test_bpd is None
+        else f"{result.test_bpd:.4f} (importance sampling, {result.importance_samples} samples)"
     )
+    procs = f" on {result.world_size} processes" if result.world_size > 1 else ""
+    best = "none finite" if result.best_val_bpd is None else f"{result.best_val_bpd:.4f} (epoch {result.best_epoch})"
+    print(
+        f"\n{result.model_name} on {result.config['data']}: {result.num_parameters:,} parameters, {result.epochs} epochs"
+        f"{procs} in {result.train_time_s:.1f}s; best val bpd {best}; test bpd {test}"
+    )
+    if result.skipped_steps:
+        print(f"skipped {result.skipped_steps} steps with a non-finite loss or gradient")
+    print(f"files in {result.out}: " + ", ".join(p.name for p in result.files.run_files() if p.exists()))
 
 
 def _run(args) -> int:
-    from flowkit.distributed import env_rank
-    from flowkit.training import NonFiniteLossError, train
+    from flowkit.training import TrainingInterrupted, resolve_device, train
+    from flowkit.training.distributed import env_rank
+    from flowkit.training.runtime import default_threads
 
-    rank = env_rank()
+    with user_input():
+        config = config_from_args(args)
+        config.validate()
+        config.threads = default_threads(config.threads, resolve_device(config.device))
     try:
-        result = train(config_from_args(args))
-    except NonFiniteLossError as err:
-        if rank == 0:
-            print(f"error: {err}")
-        return 1
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        print(f"error: {err}" if rank == 0 else f"error (rank {rank}): {err}")
-        return 2
-    if rank != 0:  # under torchrun: rank 0 reports
-        return 0
-    test = (
-        "skipped"
-        if result["test_bpd"] is None
-        else f"{result['test_bpd']:.4f} (importance sampling, {result['importance_samples']} samples)"
-    )
-    procs = f" on {result['world_size']} processes" if result["world_size"] > 1 else ""
-    print(
-        f"\n{args.model} on {args.data}: {result['num_parameters']:,} parameters, {result['epochs']} epochs{procs} in "
-        f"{result['train_time_s']:.1f}s; best val bpd {result['best_val_bpd']:.4f} (epoch {result['best_epoch']}); test bpd {test}"
-    )
-    if result["skipped_steps"]:
-        print(f"skipped {result['skipped_steps']} steps with a non-finite loss or gradient")
-    print("files: " + ", ".join(result["files"].values()))
+        result = train(config)
+    except TrainingInterrupted as err:  # the command line prints it (one line) and exits 130
+        how = f"; continue with: flowkit train --out {shlex.quote(str(err.out))} --resume" if err.checkpoint else ""
+        raise KeyboardInterrupt(f"{err}{how}") from None
+    if env_rank() == 0:  # under torchrun: rank 0 reports
+        _report(result)
     return 0
+
+
+def _add(p, field: str, help: str, default: Any, **kwargs) -> None:
+    """An option with a None sentinel default (so a resumed run knows what was given)."""
+    p.add_argument(flag(field), dest=field, default=None, help=f"{help} (default: {default})", **kwargs)
 
 
 def register(sub) -> None:
     from flowkit.training import TrainConfig
 
     d = TrainConfig()
-    p = sub.add_parser(
-        "train",
-        help="train an image flow (checkpoints, metrics, samples and curves in --out)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--data", default=d.data, help="digits | mnist | fashion-mnist | cifar10")
-    p.add_argument("--model", default=d.model, help="glow | simple | vardeq | multiscale")
-    p.add_argument(
-        "--model-kwargs",
-        type=_json_dict,
-        default={},
-        metavar="JSON",
-        help='builder options as JSON, e.g. \'{"levels": 2, "steps_per_level": 4}\'',
-    )
+    p = sub.add_parser("train", help="train an image flow (checkpoints, metrics, samples and curves in --out)")
+    _add(p, "data", "digits | mnist | fashion-mnist | cifar10", d.data)
+    _add(p, "model", "glow | simple | vardeq | multiscale, or an import path package.module:function", "glow")
+    _add(p, "model_kwargs", "builder options as JSON, e.g. '{\"levels\": 2}'", "{}", type=_json_dict, metavar="JSON")
     p.add_argument(
         "--memory-saving",
         action="store_true",
         help="glow: invertible backprop, rebuild activations in backward instead of storing them "
         "(adds memory_saving=true to the model kwargs)",
     )
-    p.add_argument("--epochs", type=int, default=d.epochs, help="total epochs (with --resume: train until this many)")
-    p.add_argument("--out", default=d.out, help="run directory")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt on the same trajectory")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device)
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        default=d.batch_size,
-        help="global batch; under torchrun each of N processes takes batch-size/N (must divide)",
+    _add(p, "epochs", "total epochs (with --resume: train until this many)", d.epochs, type=int)
+    _add(p, "out", "run folder", d.out)
+    _add(p, "resume", "continue the run in --out with its stored options", "off", action="store_const", const=True)
+    _add(p, "overwrite", "replace the run already in --out", "off", action="store_const", const=True)
+    _add(p, "seed", "seeds the model, the data order and the noise", d.seed, type=int)
+    _add(p, "device", "auto | cpu | cuda", d.device, choices=("auto", "cpu", "cuda"))
+    _add(p, "threads", "CPU threads (torch.set_num_threads; 0: torch's default)", "1 on the CPU", type=int, metavar="N")
+    _add(p, "batch_size", "global batch; under torchrun each of N processes takes batch-size/N", d.batch_size, type=int)
+    _add(p, "lr", "Adam learning rate", d.lr, type=float)
+    _add(p, "lr_decay", "StepLR gamma per epoch", d.lr_decay, type=float)
+    _add(p, "grad_clip", "max gradient norm (0: off)", d.grad_clip, type=float)
+    _add(p, "importance_samples", "samples of the final test bpd (0: skip the test)", d.importance_samples, type=int)
+    _add(p, "sample_temperature", "temperature of samples.png", d.sample_temperature, type=float, metavar="T")
+    _add(p, "data_root", "where torchvision data sets live", d.data_root)
+    _add(p, "val_size", "validation images", "the data set's", type=int)
+    _add(p, "num_workers", "DataLoader workers", d.num_workers, type=int)
+    _add(p, "max_train_batches", "batches per epoch (quick runs)", "all", type=int)
+    _add(p, "max_eval_batches", "batches per evaluation (quick runs)", "all", type=int)
+    _add(p, "num_samples", "images in samples.png", d.num_samples, type=int)
+    _add(p, "max_nonfinite", "stop after this many non-finite steps in a row", d.max_nonfinite, type=int)
+    _add(
+        p,
+        "tensorboard",
+        "log epoch metrics for TensorBoard in OUT/tensorboard",
+        "off",
+        action="store_const",
+        const=True,
     )
-    p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
-    p.add_argument("--lr-decay", type=float, default=d.lr_decay, help="StepLR gamma per epoch")
-    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm (0: off)")
-    p.add_argument(
-        "--importance-samples",
-        type=int,
-        default=d.importance_samples,
-        help="samples of the final test bpd (0: skip the test evaluation)",
+    _add(
+        p,
+        "progress",
+        "no progress bars (they show only on a terminal)",
+        "bars on a terminal",
+        action="store_const",
+        const=False,
     )
-    p.add_argument("--temperature", type=float, default=d.sample_temperature, help="temperature of samples.png")
-    p.add_argument("--data-root", default=d.data_root, help="where torchvision data sets live")
-    p.add_argument("--val-size", type=int, default=None, help="validation images (default: the data set's)")
-    p.add_argument("--num-workers", type=int, default=d.num_workers)
-    p.add_argument("--max-train-batches", type=int, default=None, help="batches per epoch (quick runs)")
-    p.add_argument("--max-eval-batches", type=int, default=None, help="batches per evaluation (quick runs)")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     p.set_defaults(func=_run)
