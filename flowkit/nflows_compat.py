@@ -25,6 +25,11 @@ user builds from nflows' own classes work on CUDA and in float64:
     then fails).  It also divides by the per-channel standard deviation unguarded, so a
     constant channel in the first batch (an all-black border) gives an infinite log-scale.
     Patched to fill the buffer in place and floor the standard deviation at 1e-6.
+``ActNorm.forward``
+    reads the ``initialized`` buffer (``if self.training and not self.initialized``) on every
+    training call: a host-device synchronisation per layer per step, and a graph break under
+    ``torch.compile``.  Patched to read it only when the buffer is new or was written since
+    (its version counter changed), so an initialised Glow traces into one graph.
 
 Each patch has a test in ``tests/test_nflows_compat.py`` that fails without it
 (:func:`unpatched` restores the originals for that purpose).
@@ -82,6 +87,34 @@ def _actnorm_initialize(self, inputs: torch.Tensor) -> None:
         self.initialized.fill_(True)
 
 
+def _actnorm_forward(self, inputs: torch.Tensor, context=None):
+    """nflows' ``ActNorm.forward`` without reading the ``initialized`` buffer on every call.
+
+    nflows tests ``self.training and not self.initialized`` (a tensor) in every training
+    forward: one device read per ActNorm per step, and a graph break under ``torch.compile``.
+    This reads the buffer only when it is new or has been written since the last read (its
+    version counter, a host-side number, changed: ``.to()``, ``load_state_dict``, the data-
+    dependent init) and remembers the answer on the layer, so an initialised ActNorm costs no
+    read and traces into one graph.  The math is nflows' own.
+    """
+    if inputs.dim() not in (2, 4):
+        raise ValueError("Expecting inputs to be a 2D or a 4D tensor.")
+    if self.training:
+        flag = self.initialized
+        seen = self.__dict__.get("_flowkit_initialized_seen")
+        compiling = torch.compiler.is_compiling()
+        key = None if compiling or flag.is_inference() else (id(flag), flag._version)
+        if seen is None or (not compiling and seen != key):
+            if not bool(flag):
+                self._initialize(inputs)
+            if not compiling and not flag.is_inference():
+                self.__dict__["_flowkit_initialized_seen"] = (id(flag), flag._version)
+    scale, shift = self._broadcastable_scale_shift(inputs)
+    outputs = scale * inputs + shift
+    per_sample = torch.sum(self.log_scale) * (inputs.shape[2] * inputs.shape[3] if inputs.dim() == 4 else 1)
+    return outputs, per_sample * outputs.new_ones(inputs.shape[0])
+
+
 def _linear_apply(self, fn, *args, **kwargs):
     self.cache.invalidate()
     return torch.nn.Module._apply(self, fn, *args, **kwargs)
@@ -100,6 +133,7 @@ PATCHES: list[tuple[type, str, Callable]] = [
     (_linear.Linear, "_load_from_state_dict", _linear_load_from_state_dict),
     (_nl.Sigmoid, "__init__", _sigmoid_init),
     (_norm.ActNorm, "_initialize", _actnorm_initialize),
+    (_norm.ActNorm, "forward", _actnorm_forward),
 ]
 _MISSING = object()
 _ORIGINALS = {(owner, name): owner.__dict__.get(name, _MISSING) for owner, name, _ in PATCHES}

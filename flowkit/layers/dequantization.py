@@ -141,12 +141,26 @@ class Dequantization(Transform):
         return z, ladj - log_q, log_q
 
     def forward(self, inputs: torch.Tensor, context=None):
-        check_image_batch(inputs, "inputs", self.num_levels)  # once: it syncs with the device
+        check_image_batch(inputs, "inputs", self.num_levels)  # reads min/max: one device sync
+        return self.forward_unchecked(inputs)
+
+    def forward_unchecked(self, inputs: torch.Tensor):
+        """:meth:`forward` without the input check, for a caller that validated the batch.
+
+        :class:`~flowkit.models.ImageFlow` validates each batch once at its boundary and then
+        calls this, so the hot path reads nothing back from the device.
+        """
         z, logabsdet, _ = self._forward_checked(inputs, self.sample_noise(inputs))
         return z, logabsdet
 
     def inverse(self, inputs: torch.Tensor, context=None):
         check_float_tensor(inputs, "inputs")
+        if not torch.compiler.is_compiling() and bool(torch.isnan(inputs).any()):
+            bad = int(torch.isnan(inputs).sum())
+            raise ValueError(
+                f"inputs: expected finite latents, got {bad} NaN of {inputs.numel()} values; "
+                "a NaN has no integer level (the flow's inverse diverged or the latent was NaN)"
+            )
         v, logabsdet = self.logit.inverse(inputs)
         x = torch.floor(v).clamp_(0, self.num_levels - 1).long()
         return x, logabsdet
