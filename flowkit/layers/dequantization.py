@@ -54,11 +54,10 @@ class ScaledLogit(Transform):
     def forward(self, inputs: torch.Tensor, context=None):
         check_float_tensor(inputs, "inputs")
         y = inputs * ((1.0 - self.alpha) / self.num_levels) + 0.5 * self.alpha
-        z = torch.log(y) - torch.log1p(-y)
+        log_y, log_1my = torch.log(y), torch.log1p(-y)
         # log|dz/dv| = log((1 - alpha) / K) - log y - log(1 - y)
         const = math.log((1.0 - self.alpha) / self.num_levels)
-        logabsdet = sum_except_batch(const - torch.log(y) - torch.log1p(-y))
-        return z, logabsdet
+        return log_y - log_1my, sum_except_batch(const - log_y - log_1my)
 
     def inverse(self, inputs: torch.Tensor, context=None):
         check_float_tensor(inputs, "inputs")
