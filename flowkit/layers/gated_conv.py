@@ -47,7 +47,7 @@ class _ConcatELUFunction(torch.autograd.Function):
 
     (For ``x > 0``: ``e = expm1(-x)`` lies in (-1, 0), below ``x`` and above ``-x``; for
     ``x <= 0``: ``e = expm1(x) >= x`` and ``e <= 0 <= -x``.)  Half the ``expm1`` work of two
-    ELUs, computed in the output's two halves without temporaries.  Saves only the output
+    ELUs, written straight into the two halves of the output.  Saves only the output
     (which the next conv saves anyway): ``elu'(v) = 1`` where the output is positive,
     ``elu(v) + 1`` elsewhere.
     """
@@ -56,11 +56,10 @@ class _ConcatELUFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         c = x.shape[1]
         out = _empty_doubled_channels(x)
-        pos, neg = out[:, :c], out[:, c:]
-        torch.neg(x, out=neg)
-        torch.minimum(x, neg, out=pos).expm1_()  # e = expm1(-|x|), held in the first half
-        torch.maximum(neg, pos, out=neg)
-        torch.maximum(x, pos, out=pos)
+        minus_x = torch.neg(x)
+        e = torch.minimum(x, minus_x).expm1_()  # expm1(-|x|), on a contiguous tensor (vectorises best)
+        torch.maximum(x, e, out=out[:, :c])
+        torch.maximum(minus_x, e, out=out[:, c:])
         ctx.save_for_backward(out)
         return out
 
