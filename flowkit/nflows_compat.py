@@ -29,7 +29,8 @@ user builds from nflows' own classes work on CUDA and in float64:
     reads the ``initialized`` buffer (``if self.training and not self.initialized``) on every
     training call: a host-device synchronisation per layer per step, and a graph break under
     ``torch.compile``.  Patched to read it only when the buffer is new or was written since
-    (its version counter changed), so an initialised Glow traces into one graph.
+    (its version counter changed), so an initialised Glow traces into one graph (its test,
+    with the other hot-path tests, is in ``tests/test_compile.py``).
 
 Each patch has a test in ``tests/test_nflows_compat.py`` that fails without it
 (:func:`unpatched` restores the originals for that purpose).

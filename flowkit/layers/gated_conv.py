@@ -5,10 +5,11 @@ Same parameters, same ``state_dict`` keys and the same function as the tutorial'
 
 * channels-last (NHWC) activations from the first conv to the last, so every conv takes
   oneDNN's fast path and the channel LayerNorm normalises a contiguous last dimension;
-* the 1x1 conv of each gated block as one matrix product on the NHWC view;
 * ``ConcatELU`` with one ``expm1`` per input value instead of two (``elu(x)`` and
   ``elu(-x)`` share ``expm1(-|x|)``), written straight into its output;
 * the gate ``x + glu(h)`` over the contiguous last dimension of the NHWC view.
+
+(A 1x1 conv as one matrix product on the NHWC view was measured too: no faster than oneDNN's.)
 
 While ``torch.compile`` traces, the plain formulas are used instead (the compiler fuses them
 itself), so a compiled model is one graph.
@@ -109,13 +110,12 @@ class GatedResidualBlock(nn.Module):
         self.conv_out = nn.Conv2d(2 * hidden_channels, 2 * channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.act(self.conv_in(x))
+        # glu(h, dim=1) = value * sigmoid(gate) for [value, gate] = h.chunk(2, dim=1), one kernel
+        h = self.conv_out(self.act(self.conv_in(x)))
         if _is_nhwc(h):
-            # NHWC: the 1x1 conv is one matrix product over the (contiguous) last dimension, and
-            # glu(h) = value * sigmoid(gate) for [value, gate] = h.chunk(2) reads that dimension
-            h = F.linear(h.permute(0, 2, 3, 1), self.conv_out.weight.flatten(1), self.conv_out.bias)
-            return x + F.glu(h, dim=-1).permute(0, 3, 1, 2)
-        return x + F.glu(self.conv_out(h), dim=1)
+            # NHWC: glu over the (contiguous) last dim of the NHWC view, several times faster on CPU
+            return x + F.glu(h.permute(0, 2, 3, 1), dim=-1).permute(0, 3, 1, 2)
+        return x + F.glu(h, dim=1)
 
 
 class GatedConvNet(nn.Module):
