@@ -155,10 +155,10 @@ class GatedConvNet(nn.Module):
         layers: list[nn.Module] = [nn.Conv2d(in_channels + context_channels, hidden_channels, 3, padding=1)]
         for _ in range(num_layers):
             layers += [GatedResidualBlock(hidden_channels, hidden_channels), LayerNormChannels(hidden_channels)]
-        layers += [ConcatELU(), nn.Conv2d(2 * hidden_channels, out_channels, 3, padding=1)]
-        self.net = nn.Sequential(*layers)
-        nn.init.zeros_(self.net[-1].weight)
-        nn.init.zeros_(self.net[-1].bias)
+        last = nn.Conv2d(2 * hidden_channels, out_channels, 3, padding=1)
+        for p in last.parameters():  # weight and bias
+            nn.init.zeros_(p)
+        self.net = nn.Sequential(*layers, ConcatELU(), last)
 
     def _check_inputs(self, x: torch.Tensor, context: torch.Tensor | None) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
@@ -181,7 +181,7 @@ class GatedConvNet(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         self._check_inputs(x, context)
-        if self.context_channels:
+        if context is not None:  # present exactly when the net was built with context channels
             x = torch.cat([x, context.to(x.dtype)], dim=1)
         if _channels_last_pays(x):
             # oneDNN's convs run about twice as fast in NHWC; the LayerNorm's permute is then free.

@@ -167,9 +167,10 @@ class ImageFlow(nn.Module):
         and base density (forward and backward) as compiled code; the batch is still validated
         eagerly at the boundary before it.  Call :meth:`initialize` first (ActNorm's
         data-dependent initialisation reads the data, which would split the graph).  Sampling
-        and :meth:`encode`/:meth:`decode` stay eager.  Worth it on a GPU; on a CPU compiling
-        takes minutes and the step gains little (see ``benchmarks/bench_image.py --compile``),
-        so it is never done by default.
+        and :meth:`encode`/:meth:`decode` stay eager.  Meant for a GPU; on a CPU it does not pay
+        (``tutorial_flow("multiscale")``, 1 thread: about 10 minutes to compile, then a training
+        step 13-18% *slower* than eager; ``benchmarks/bench_image.py --compile``), so it is
+        never done by default.
         """
         self._compiled_log_prob = torch.compile(_log_prob_of_valid_images, *args, **kwargs)
 
