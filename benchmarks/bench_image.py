@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_TUTORIAL_REF = REPO_ROOT / ".." / "shared" / "reference" / "tutorial_ref.py"
+DEFAULT_TUTORIAL_REF = REPO_ROOT.parent / "shared" / "reference" / "tutorial_ref.py"
 IMAGE_SHAPE = (1, 28, 28)
 NUM_LEVELS = 256
 GLOW_KWARGS = dict(levels=2, steps_per_level=4, hidden_channels=64, num_layers=1, dequantization="uniform")
