@@ -34,6 +34,10 @@ fix                                     what changes
 ``splines.linear.linear_spline``        inverse bin boundaries in the inputs' dtype and device
                                         (they were float32 CPU: 1e-8 errors in float64, a device
                                         error on CUDA)
+``ActNorm.forward``                     reads its ``initialized`` buffer only when the buffer is
+                                        new or was written since (its version counter changed),
+                                        not on every training call: no host read per layer per
+                                        step, and one graph under ``torch.compile``
 ======================================  ============================================================
 
 Example:
@@ -44,7 +48,8 @@ Example:
     True
 
 Each fix has a test in ``tests/test_nflows_compat.py`` that fails without it
-(:func:`unpatched` restores nflows' originals for that purpose).
+(:func:`unpatched` restores nflows' originals for that purpose); the ``ActNorm.forward`` fix is
+tested with the other hot-path tests in ``tests/test_compile.py``.
 """
 
 from __future__ import annotations
@@ -147,6 +152,34 @@ def _searchsorted(bin_locations: torch.Tensor, inputs: torch.Tensor, eps: float 
     last = bin_locations[..., -1:] + eps  # a new tensor: the caller's bin locations stay as they are
     bin_locations = torch.cat([bin_locations[..., :-1], last], dim=-1)
     return torch.sum(inputs[..., None] >= bin_locations, dim=-1) - 1
+
+
+def _actnorm_forward(self, inputs: torch.Tensor, context=None):
+    """nflows' ``ActNorm.forward`` without reading the ``initialized`` buffer on every call.
+
+    nflows tests ``self.training and not self.initialized`` (a tensor) in every training
+    forward: one device read per ActNorm per step, and a graph break under ``torch.compile``.
+    This reads the buffer only when it is new or has been written since the last read (its
+    version counter, a host-side number, changed: ``.to()``, ``load_state_dict``, the data-
+    dependent init) and remembers the answer on the layer, so an initialised ActNorm costs no
+    read and traces into one graph.  The math is nflows' own.
+    """
+    if inputs.dim() not in (2, 4):
+        raise ValueError("Expecting inputs to be a 2D or a 4D tensor.")
+    if self.training:
+        flag = self.initialized
+        seen = self.__dict__.get("_flowkit_initialized_seen")
+        compiling = torch.compiler.is_compiling()
+        key = None if compiling or flag.is_inference() else (id(flag), flag._version)
+        if seen is None or (not compiling and seen != key):
+            if not bool(flag):
+                self._initialize(inputs)
+            if not compiling and not flag.is_inference():
+                self.__dict__["_flowkit_initialized_seen"] = (id(flag), flag._version)
+    scale, shift = self._broadcastable_scale_shift(inputs)
+    outputs = scale * inputs + shift
+    per_sample = torch.sum(self.log_scale) * (inputs.shape[2] * inputs.shape[3] if inputs.dim() == 4 else 1)
+    return outputs, per_sample * outputs.new_ones(inputs.shape[0])
 
 
 def _random_orthogonal(size: int) -> torch.Tensor:
@@ -258,6 +291,15 @@ PATCHES: tuple[Patch, ...] = (
         "8f2d31bbaf9aebafa2b416a49481edc1b66a4c2faae0ea7e6def7c742c3d977a",
         "the initialized buffer is filled in place (it stays on the module's device) and the std is "
         "floored at 1e-6 (a constant channel gave an infinite log-scale)",
+    ),
+    Patch(
+        "ActNorm.forward",
+        _norm.ActNorm,
+        "forward",
+        _actnorm_forward,
+        "5c690135018cf44beac022992753a1055f3fed41604e8fc38782dd26d2ef23f7",
+        "reads the initialized buffer only when it is new or was written since (its version counter "
+        "changed), not on every training call: no host read per layer per step, one graph under torch.compile",
     ),
     Patch(
         "torchutils.searchsorted",

@@ -143,7 +143,9 @@ def check_image_batch(x: Any, name: str, num_levels: int, *, check_values: bool 
 
     The type and shape checks read only metadata; the value check (``check_values``) reads the
     tensor's min and max, one device synchronisation, so hot paths validate a batch once at the
-    model's boundary and pass ``check_values=False`` (or skip) further in.
+    model's boundary and pass ``check_values=False`` (or skip) further in.  While
+    ``torch.compile`` traces (``torch.compiler.is_compiling()``) the value check steps aside, so
+    a compiled model stays one graph; validate the data before it enters compiled code.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor of integer images, got {type(x).__name__}")
@@ -157,7 +159,7 @@ def check_image_batch(x: Any, name: str, num_levels: int, *, check_values: bool 
         raise ValueError(
             f"{name}: expected integer images of shape [batch, channels, height, width], got shape {tuple(x.shape)}"
         )
-    if check_values and x.numel() > 0:
+    if check_values and x.numel() > 0 and not torch.compiler.is_compiling():
         lo, hi = torch.stack(torch.aminmax(x.reshape(-1))).tolist()  # one read of the device
         if lo < 0 or hi >= num_levels:
             raise ValueError(

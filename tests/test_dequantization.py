@@ -130,3 +130,25 @@ def test_scaled_logit_is_the_tutorial_squeeze():
     z, _ = t(v)
     y = 0.05 + 0.9 * v / 8
     torch.testing.assert_close(z, torch.log(y / (1 - y)))
+
+
+def test_inverse_of_a_nan_latent_is_a_clear_error():
+    deq = Dequantization(256)
+    z = torch.zeros(2, 1, 4, 4)
+    z[1, 0, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="inputs: expected finite latents, got 1 NaN of 32 values"):
+        deq.inverse(z)
+    ends = deq.inverse(torch.tensor([-float("inf"), float("inf")]).view(1, 1, 1, 2))[0]
+    assert ends.tolist() == [[[[0, 255]]]], "an infinite latent is an end of the range, not an error"
+
+
+def test_forward_unchecked_is_forward_without_the_check():
+    deq = Dequantization(17)
+    x = torch.randint(0, 17, (3, 1, 4, 4))
+    torch.manual_seed(0)
+    checked = deq(x)
+    torch.manual_seed(0)
+    unchecked = deq.forward_unchecked(x)
+    torch.testing.assert_close(unchecked, checked)
+    with pytest.raises(ValueError, match=r"inputs.*\[0, 17\)"):
+        deq(torch.full((1, 1, 4, 4), 17))  # a layer called directly still validates its input

@@ -57,3 +57,14 @@ def test_float64_model_end_to_end():
     z = model.encode(x)
     assert z.dtype == torch.float64
     assert model.decode(z).dtype == torch.long
+
+
+@pytest.mark.parametrize("validate", [True, False])
+def test_an_empty_batch_is_a_clear_error_at_the_boundary(validate):
+    model = tutorial_flow("simple", image_shape=(1, 8, 8), num_levels=17)
+    empty = torch.zeros(0, 1, 8, 8, dtype=torch.long)
+    expected = r"x: expected at least one image, got an empty batch of shape \(0, 1, 8, 8\)"
+    with pytest.raises(ValueError, match=expected):
+        model.bpd(empty, validate=validate)
+    with pytest.raises(ValueError, match=expected):
+        model.bpd_importance(empty, num_samples=2, validate=validate)

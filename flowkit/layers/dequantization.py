@@ -54,11 +54,10 @@ class ScaledLogit(Transform):
     def forward(self, inputs: torch.Tensor, context=None):
         check_float_tensor(inputs, "inputs")
         y = inputs * ((1.0 - self.alpha) / self.num_levels) + 0.5 * self.alpha
-        z = torch.log(y) - torch.log1p(-y)
+        log_y, log_1my = torch.log(y), torch.log1p(-y)
         # log|dz/dv| = log((1 - alpha) / K) - log y - log(1 - y)
         const = math.log((1.0 - self.alpha) / self.num_levels)
-        logabsdet = sum_except_batch(const - torch.log(y) - torch.log1p(-y))
-        return z, logabsdet
+        return log_y - log_1my, sum_except_batch(const - log_y - log_1my)
 
     def inverse(self, inputs: torch.Tensor, context=None):
         check_float_tensor(inputs, "inputs")
@@ -141,12 +140,26 @@ class Dequantization(Transform):
         return z, ladj - log_q, log_q
 
     def forward(self, inputs: torch.Tensor, context=None):
-        check_image_batch(inputs, "inputs", self.num_levels)  # once: it syncs with the device
+        check_image_batch(inputs, "inputs", self.num_levels)  # reads min/max: one device sync
+        return self.forward_unchecked(inputs)
+
+    def forward_unchecked(self, inputs: torch.Tensor):
+        """:meth:`forward` without the input check, for a caller that validated the batch.
+
+        :class:`~flowkit.models.ImageFlow` validates each batch once at its boundary and then
+        calls this, so the hot path reads nothing back from the device.
+        """
         z, logabsdet, _ = self._forward_checked(inputs, self.sample_noise(inputs))
         return z, logabsdet
 
     def inverse(self, inputs: torch.Tensor, context=None):
         check_float_tensor(inputs, "inputs")
+        if not torch.compiler.is_compiling() and bool(torch.isnan(inputs).any()):
+            bad = int(torch.isnan(inputs).sum())
+            raise ValueError(
+                f"inputs: expected finite latents, got {bad} NaN of {inputs.numel()} values; "
+                "a NaN has no integer level (the flow's inverse diverged or the latent was NaN)"
+            )
         v, logabsdet = self.logit.inverse(inputs)
         x = torch.floor(v).clamp_(0, self.num_levels - 1).long()
         return x, logabsdet

@@ -110,11 +110,14 @@ class ImageFlow(nn.Module):
         return [self.latent_shape]
 
     def _check_images(self, x: torch.Tensor, name: str = "x", validate: bool = True) -> torch.Tensor:
+        """The model's boundary: the one place a user batch is validated (layers further in trust it)."""
         check_image_batch(x, name, self.num_levels, check_values=validate)
         if tuple(x.shape[1:]) != self.image_shape:
             raise ValueError(
                 f"{name}: expected images of shape [batch, {', '.join(map(str, self.image_shape))}], got {tuple(x.shape)}"
             )
+        if x.shape[0] == 0:
+            raise ValueError(f"{name}: expected at least one image, got an empty batch of shape {tuple(x.shape)}")
         return x.to(self.device)
 
     # -- padding ----------------------------------------------------------------------
@@ -140,18 +143,36 @@ class ImageFlow(nn.Module):
     def encode_with_logdet(self, x: torch.Tensor, *, validate: bool = True):
         """``(z, logabsdet)``: latents (shaped as ``latent_shape``) of integer images.
 
+        The batch is validated here, once (no layer further in reads the data back);
         ``validate=False`` skips the check of the pixel values (a device synchronisation) for
         data that was validated already (the trainer validates a data set once when it loads it).
         """
-        x = self.pad(self._check_images(x, validate=validate))
-        h, ladj = self.dequantization(x)
+        return self._encode_valid(self._check_images(x, validate=validate))
+
+    def _encode_valid(self, x: torch.Tensor):
+        """:meth:`encode_with_logdet` of a batch that passed :meth:`_check_images`."""
+        h, ladj = self.dequantization.forward_unchecked(self.pad(x))
         z, ladj_flow = self.flow(h)
         return z, ladj + ladj_flow
 
     def log_prob(self, x: torch.Tensor, *, validate: bool = True) -> torch.Tensor:
         """Lower bound on ``log P(x)`` in nats, shape ``[batch]`` (``validate``: see :meth:`encode_with_logdet`)."""
-        z, logabsdet = self.encode_with_logdet(x, validate=validate)
-        return standard_normal_log_prob(z) + logabsdet
+        log_prob_of_valid = self.__dict__.get("_compiled_log_prob", _log_prob_of_valid_images)
+        return log_prob_of_valid(self, self._check_images(x, validate=validate))
+
+    def compile(self, *args, **kwargs) -> None:
+        """Compile the density path with ``torch.compile``, in place (arguments go to ``torch.compile``).
+
+        :meth:`log_prob`, :meth:`bpd` and :meth:`bpd_importance` then run dequantization, flow
+        and base density (forward and backward) as compiled code; the batch is still validated
+        eagerly at the boundary before it.  Call :meth:`initialize` first (ActNorm's
+        data-dependent initialisation reads the data, which would split the graph).  Sampling
+        and :meth:`encode`/:meth:`decode` stay eager.  Meant for a GPU; on a CPU it does not pay
+        (``tutorial_flow("multiscale")``, 1 thread: about 10 minutes to compile, then a training
+        step 13-18% *slower* than eager; ``benchmarks/bench_image.py --compile``), so it is
+        never done by default.
+        """
+        self._compiled_log_prob = torch.compile(_log_prob_of_valid_images, *args, **kwargs)
 
     def nats_to_bpd(self, log_prob: torch.Tensor) -> torch.Tensor:
         """``-log_prob / (num_dims log 2)``; ``num_dims`` is the original (unpadded) C*H*W."""
@@ -238,8 +259,14 @@ class ImageFlow(nn.Module):
         """Run one forward pass in training mode on a real batch (ActNorm's data-dependent init)."""
         was_training = self.training
         self.train()
-        self.log_prob(x)
+        _log_prob_of_valid_images(self, self._check_images(x))  # eager, also after compile()
         self.train(was_training)
+
+
+def _log_prob_of_valid_images(model: ImageFlow, x: torch.Tensor) -> torch.Tensor:
+    """``log N(z) + logabsdet`` of a validated batch: what :meth:`ImageFlow.compile` compiles."""
+    z, logabsdet = model._encode_valid(x)
+    return standard_normal_log_prob(z) + logabsdet
 
 
 def _padding(image_shape: tuple[int, int, int], pad_to) -> tuple[tuple[int, int, int], tuple[int, int, int, int]]:
