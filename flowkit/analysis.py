@@ -31,6 +31,7 @@ import torch
 
 from flowkit.layers.dequantization import Dequantization
 from flowkit.models.image_flow import ImageFlow
+from flowkit.validation import check_int
 from flowkit.viz import DPI, atomic_savefig, new_figure, save_image_grid
 
 __all__ = [
@@ -63,12 +64,6 @@ def _check_model(model, name: str = "model") -> ImageFlow:
     return model
 
 
-def _check_positive_int(name: str, value, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
-    return value
-
-
 # -- dequantization distribution (the tutorial's figure) ---------------------------------------
 def dequantization_density(
     num_levels: int,
@@ -98,8 +93,8 @@ def dequantization_density(
         >>> bool(abs(float(((p[1:] + p[:-1]) / 2 * np.diff(z)).sum()) - 1.0) < 1e-2)
         True
     """
-    _check_positive_int("num_levels", num_levels, 2)
-    _check_positive_int("num_points", num_points, 2)
+    check_int("num_levels", num_levels, 2)
+    check_int("num_points", num_points, 2)
     lo, hi = (float(v) for v in z_range)
     if not hi > lo:
         raise ValueError(f"z_range: expected (low, high) with high > low, got {z_range!r}")
@@ -183,7 +178,7 @@ def dequantization_noise(
         ``(u, z)``: two flat float64 CPU tensors of ``repeats * images.numel()`` values
         (padded images: ``u`` of the padding pixels included).
     """
-    _check_positive_int("repeats", repeats)
+    check_int("repeats", repeats, 1)
     if isinstance(model, ImageFlow):
         deq = model.dequantization
         x = model.pad(model._check_images(images, "images"))
@@ -235,7 +230,7 @@ def plot_dequantization_noise(
         models = {"model": models}
     if not isinstance(models, Mapping) or not models:
         raise ValueError(f"models: expected a non-empty mapping name -> model, got {type(models).__name__}")
-    _check_positive_int("bins", bins, 2)
+    check_int("bins", bins, 2)
     data = {name: dequantization_noise(m, images, repeats) for name, m in models.items()}
     stats = {
         name: {"u_mean": float(u.mean()), "u_std": float(u.std()), "z_mean": float(z.mean()), "z_std": float(z.std())}
@@ -282,12 +277,12 @@ def plot_interpolation(
         ``(path, grid)`` with ``grid`` the ``[pairs * steps, C, H, W]`` integer images.
     """
     model = _check_model(model)
-    _check_positive_int("steps", steps, 2)
+    check_int("steps", steps, 2)
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] < 2:
         raise ValueError(
             f"images: expected at least two images [N>=2, C, H, W], got {getattr(images, 'shape', images)}"
         )
-    pairs = images.shape[0] // 2 if num_pairs is None else _check_positive_int("num_pairs", num_pairs)
+    pairs = images.shape[0] // 2 if num_pairs is None else check_int("num_pairs", num_pairs, 1)
     if 2 * pairs > images.shape[0]:
         raise ValueError(f"num_pairs: {pairs} pairs need {2 * pairs} images, got {images.shape[0]}")
     with _seeded(seed, model.device):
@@ -319,8 +314,8 @@ def shared_final_latent_samples(
         ValueError: the model has a single level (nothing is split off early).
     """
     model = _check_model(model)
-    _check_positive_int("num_rows", num_rows)
-    _check_positive_int("num_cols", num_cols)
+    check_int("num_rows", num_rows, 1)
+    check_int("num_cols", num_cols, 1)
     shapes = model.level_shapes
     if len(shapes) < 2:
         raise ValueError(
@@ -358,7 +353,7 @@ def temperature_sweep_samples(
     """``model.sample(num_cols, T)`` for each ``T``, re-seeded so that every row uses the same
     base noise ``eps`` (``z = T * eps``).  Returns ``[len(temperatures) * num_cols, C, H, W]``."""
     model = _check_model(model)
-    _check_positive_int("num_cols", num_cols)
+    check_int("num_cols", num_cols, 1)
     temps = [float(t) for t in temperatures]
     if not temps or not all(math.isfinite(t) and t > 0 for t in temps):
         raise ValueError(f"temperatures: expected positive finite floats, got {list(temperatures)!r}")

@@ -24,13 +24,13 @@ import dataclasses
 import gzip
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
 from flowkit.errors import UserError
+from flowkit.io import atomic_open
 from flowkit.validation import check_image_batch, check_int
 
 __all__ = ["DATASETS", "DatasetInfo", "DatasetNotFoundError", "ImageDataset", "dataset_info", "load_splits"]
@@ -159,8 +159,8 @@ def _num_val(val_size, n: int) -> int:
         k = round(DEFAULT_VAL_FRACTION * n)
     elif isinstance(val_size, float) and 0.0 < val_size < 1.0:
         k = round(val_size * n)
-    elif isinstance(val_size, int) and not isinstance(val_size, bool) and 0 <= val_size:
-        k = val_size
+    elif isinstance(val_size, int) and not isinstance(val_size, bool):
+        k = check_int("val_size", val_size, low=0)
     else:
         raise ValueError(f"val_size: expected None, an int count or a float fraction in (0, 1), got {val_size!r}")
     if not 0 <= k < n:
@@ -218,15 +218,8 @@ def _missing_message(name: str, root: Path, cls, reason: str) -> str:
 
 
 def _write_atomic_from(src_open, dest: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out, src_open() as src:
-            shutil.copyfileobj(src, out)
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(dest) as out, src_open() as src:
+        shutil.copyfileobj(src, out)
 
 
 def _unpack_gz(raw: Path, cls) -> None:
@@ -310,8 +303,7 @@ def load_splits(
         {'train': 1258, 'val': 180, 'test': 359}
     """
     _check_name(name)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+    check_int("seed", seed)
     if name == "digits":
         full = _load_digits()
         n = len(full)

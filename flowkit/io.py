@@ -1,33 +1,56 @@
 """Atomic file writes: a temp file in the same folder, fsync, then ``os.replace``.
 
-A reader (or a crash) never sees a half-written checkpoint, metrics file or table.
+A reader (or a crash) never sees a half-written checkpoint, metrics file, picture or table.
+This is flowkit's one writer: every file flowkit writes goes through :func:`atomic_open`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "write_json"]
+__all__ = ["atomic_open", "atomic_write_bytes", "atomic_write_text", "write_json"]
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (parent folders created); returns the path."""
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A binary file to write ``path`` through, atomically (parent folders created).
+
+    The data goes to a temp file in the same folder, is flushed and fsync'd, and replaces
+    ``path`` with ``os.replace`` only when the block ends without an exception; otherwise the
+    temp file is removed and ``path`` is left as it was.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> target = pathlib.Path(tempfile.mkdtemp()) / "a.bin"
+        >>> with atomic_open(target) as f:
+        ...     _ = f.write(b"abc")
+        >>> target.read_bytes()
+        b'abc'
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
-    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_open`); returns the path."""
+    with atomic_open(path) as f:
+        f.write(data)
+    return Path(path)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
