@@ -54,6 +54,8 @@ import normflows as nf
 import torch
 from nflows.transforms import Transform
 
+from flowkit.layers.base import Context, TransformResult
+
 __all__ = [
     "STOCHASTIC_FLOWS",
     "NflowsAsNormflows",
@@ -199,12 +201,12 @@ class NflowsAsNormflows(nf.flows.Flow):
         super().__init__()
         self.transform = transform
 
-    def forward(self, z: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, z: torch.Tensor, context: Context = None) -> TransformResult:
         """Latent -> data: ``x = T^-1(z)``; returns ``(x, log|det dx/dz|)``."""
         x, ladj = self.transform.inverse(z, context=context)
         return x, _batch_ladj(ladj, z.shape[0], z, self.transform)
 
-    def inverse(self, x: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def inverse(self, x: torch.Tensor, context: Context = None) -> TransformResult:
         """Data -> latent: ``z = T(x)``; returns ``(z, log|det dz/dx|)``."""
         z, ladj = self.transform(x, context=context)
         return z, _batch_ladj(ladj, x.shape[0], z, self.transform)
@@ -230,12 +232,12 @@ class NormflowsAsNflows(Transform):
         super().__init__()
         self.flow = flow
 
-    def forward(self, inputs: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, inputs: torch.Tensor, context: Context = None) -> TransformResult:
         """Data -> latent: ``z = f^-1(x)``; returns ``(z, log|det dz/dx|)`` with shape ``[batch]``."""
         z, ladj = normflows_inverse([self.flow], inputs, context)
         return _one_tensor(z, self.flow), ladj
 
-    def inverse(self, inputs: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def inverse(self, inputs: torch.Tensor, context: Context = None) -> TransformResult:
         """Latent -> data: ``x = f(z)``; returns ``(x, log|det dx/dz|)`` with shape ``[batch]``."""
         x, ladj = normflows_forward([self.flow], inputs, context)
         return _one_tensor(x, self.flow), ladj

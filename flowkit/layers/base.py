@@ -27,7 +27,13 @@ import torch
 
 from flowkit.validation import check_float_tensor, check_image_batch
 
-__all__ = ["sum_except_batch", "check_image_batch", "check_float_tensor"]
+__all__ = ["Context", "TransformResult", "check_float_tensor", "check_image_batch", "sum_except_batch"]
+
+#: What every ``forward`` and ``inverse`` returns: ``(outputs, logabsdet)`` with ``logabsdet`` of shape ``[batch]``.
+TransformResult = tuple[torch.Tensor, torch.Tensor]
+
+#: The optional conditioning input of a transform (nflows' ``context`` argument).
+Context = torch.Tensor | None
 
 
 def sum_except_batch(x: torch.Tensor) -> torch.Tensor:

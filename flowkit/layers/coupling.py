@@ -6,7 +6,7 @@ import torch
 from nflows.transforms import Transform
 from torch import nn
 
-from flowkit.layers.base import check_float_tensor, sum_except_batch
+from flowkit.layers.base import Context, TransformResult, check_float_tensor, sum_except_batch
 
 __all__ = ["MaskedAffineCoupling", "checkerboard_mask", "channel_mask"]
 
@@ -79,10 +79,10 @@ class MaskedAffineCoupling(Transform):
         keep = 1.0 - mask
         return s * keep, t * keep
 
-    def forward(self, inputs: torch.Tensor, context=None):
+    def forward(self, inputs: torch.Tensor, context: Context = None) -> TransformResult:
         s, t = self._scale_shift(inputs, context)
         return (inputs + t) * torch.exp(s), sum_except_batch(s)
 
-    def inverse(self, inputs: torch.Tensor, context=None):
+    def inverse(self, inputs: torch.Tensor, context: Context = None) -> TransformResult:
         s, t = self._scale_shift(inputs, context)
         return inputs * torch.exp(-s) - t, -sum_except_batch(s)

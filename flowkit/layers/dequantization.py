@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from nflows.transforms import Transform
 
-from flowkit.layers.base import check_float_tensor, check_image_batch, sum_except_batch
+from flowkit.layers.base import Context, TransformResult, check_float_tensor, check_image_batch, sum_except_batch
 
 __all__ = ["ScaledLogit", "Dequantization", "VariationalDequantization", "default_noise_margin"]
 
@@ -51,7 +51,7 @@ class ScaledLogit(Transform):
         self.num_levels = num_levels
         self.alpha = float(alpha)
 
-    def forward(self, inputs: torch.Tensor, context=None):
+    def forward(self, inputs: torch.Tensor, context: Context = None) -> TransformResult:
         check_float_tensor(inputs, "inputs")
         y = inputs * ((1.0 - self.alpha) / self.num_levels) + 0.5 * self.alpha
         log_y, log_1my = torch.log(y), torch.log1p(-y)
@@ -59,7 +59,7 @@ class ScaledLogit(Transform):
         const = math.log((1.0 - self.alpha) / self.num_levels)
         return log_y - log_1my, sum_except_batch(const - log_y - log_1my)
 
-    def inverse(self, inputs: torch.Tensor, context=None):
+    def inverse(self, inputs: torch.Tensor, context: Context = None) -> TransformResult:
         check_float_tensor(inputs, "inputs")
         y = torch.sigmoid(inputs)
         v = (y - 0.5 * self.alpha) * (self.num_levels / (1.0 - self.alpha))
@@ -117,7 +117,9 @@ class Dequantization(Transform):
         """Map base noise ``r`` to ``u0`` in (0, 1); returns ``(u0, log q(u0 | x))``."""
         return noise, noise.new_zeros(noise.shape[0])
 
-    def forward_with_noise(self, inputs: torch.Tensor, noise: torch.Tensor, context=None):
+    def forward_with_noise(
+        self, inputs: torch.Tensor, noise: torch.Tensor, context: Context = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Deterministic forward for fixed base noise ``r``.
 
         Returns ``(z, logabsdet, log_q)`` with ``logabsdet = log|det dz/dr|`` (the uniform
@@ -139,11 +141,11 @@ class Dequantization(Transform):
         z, ladj = self.logit(x + u)
         return z, ladj - log_q, log_q
 
-    def forward(self, inputs: torch.Tensor, context=None):
+    def forward(self, inputs: torch.Tensor, context: Context = None) -> TransformResult:
         check_image_batch(inputs, "inputs", self.num_levels)  # reads min/max: one device sync
         return self.forward_unchecked(inputs)
 
-    def forward_unchecked(self, inputs: torch.Tensor):
+    def forward_unchecked(self, inputs: torch.Tensor) -> TransformResult:
         """:meth:`forward` without the input check, for a caller that validated the batch.
 
         :class:`~flowkit.models.ImageFlow` validates each batch once at its boundary and then
@@ -152,7 +154,7 @@ class Dequantization(Transform):
         z, logabsdet, _ = self._forward_checked(inputs, self.sample_noise(inputs))
         return z, logabsdet
 
-    def inverse(self, inputs: torch.Tensor, context=None):
+    def inverse(self, inputs: torch.Tensor, context: Context = None) -> TransformResult:
         check_float_tensor(inputs, "inputs")
         if not torch.compiler.is_compiling() and bool(torch.isnan(inputs).any()):
             bad = int(torch.isnan(inputs).sum())

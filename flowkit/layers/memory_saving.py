@@ -128,6 +128,7 @@ from nflows.transforms.normalization import BatchNorm as _NflowsBatchNorm
 from nflows.transforms.permutations import Permutation
 from torch import nn
 
+from flowkit.layers.base import Context, TransformResult
 from flowkit.validation import check_float
 
 __all__ = ["MemorySavingComposite"]
@@ -934,7 +935,7 @@ class MemorySavingComposite(Transform):
             return steps, params
         return None
 
-    def forward(self, inputs: torch.Tensor, context=None):
+    def forward(self, inputs: torch.Tensor, context: Context = None) -> TransformResult:
         plan = self._saving_plan(inputs, context, inverse=False)
         if plan is None:
             return CompositeTransform._cascade(inputs, self._transforms, context)
@@ -944,7 +945,7 @@ class MemorySavingComposite(Transform):
                 CompositeTransform._cascade(inputs, self._transforms, context)
         return _InvertibleSequence.apply(steps, self._monitor(), inputs, context, *params)
 
-    def inverse(self, inputs: torch.Tensor, context=None):
+    def inverse(self, inputs: torch.Tensor, context: Context = None) -> TransformResult:
         plan = self._saving_plan(inputs, context, inverse=True)
         if plan is None or _fused_actnorms_uninitialized(plan[0]):
             funcs = (t.inverse for t in self._transforms[::-1])
