@@ -35,7 +35,7 @@ from flowkit.analysis import plot_class_samples
 from flowkit.data import dataset_info, load_splits
 from flowkit.io import write_json
 from flowkit.models import glow
-from flowkit.training import TrainConfig, train
+from flowkit.training import TrainConfig, load_checkpoint, train
 from flowkit.viz import save_image_grid
 
 SETTINGS = {  # --quick: seconds on a CPU; full: the size and training of `make demo`
@@ -83,9 +83,8 @@ def main(argv=None):
         sample_temperature=args.temperature,
         **cfg["train"],
     )
-    result = train(config, model=model)  # the model ends with its last epoch's weights; best.pt holds the best
-
-    model.eval()
+    result = train(config, model=model)
+    model, _ = load_checkpoint(result.files.best, model=model, device="cpu")  # the best epoch's weights, eval mode
     gen = torch.Generator().manual_seed(args.seed)
     threes = model.sample(16, temperature=args.temperature, generator=gen, y=3)  # "sample me a 3"
     save_image_grid(threes, out / "threes.png", model.num_levels, nrow=8, title=f"y = 3, T = {args.temperature}")

@@ -769,7 +769,7 @@ def _case_class_conditional_prior() -> LayerCase:
     return LayerCase(ClassConditionalPrior(4, (2, 2, 2)), _floats(3, 2, 2, 2), torch.tensor([0, 3, 0]))
 
 
-@register_case("nflows.AffineCoupling+GatedConvNet[label embedding]")
+@register_case("nflows.AffineCoupling+GatedConvNet[label]")
 def _case_coupling_label_context() -> LayerCase:
     from nflows.transforms import AffineCouplingTransform
 
@@ -798,7 +798,7 @@ class _LabelledFlow(Transform):
         return x, ladj + ladj_prior
 
 
-@register_case("conditional glow flow + prior (2 levels)[context y]")
+@register_case("conditional glow flow+prior[context y]")
 def _case_conditional_glow() -> LayerCase:
     from flowkit.models import glow
 
@@ -808,7 +808,7 @@ def _case_conditional_glow() -> LayerCase:
     return LayerCase(_LabelledFlow(model), _floats(3, 1, 4, 4), _labels())
 
 
-@register_case("MemorySavingComposite(glow steps)[label embedding]")
+@register_case("MemorySavingComposite(glow steps)[label]")
 def _case_memory_saving_context() -> LayerCase:
     from flowkit.layers import MemorySavingComposite
     from flowkit.models.glow import glow_step

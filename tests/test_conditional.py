@@ -196,6 +196,23 @@ def test_image_flow_checks_its_conditioning_parts():
     torch.testing.assert_close(a, b, rtol=0, atol=0)  # an identity prior and no context: the unconditional model
 
 
+def test_memory_saving_backprop_passes_the_label_context_and_its_gradient():
+    kw = dict(TINY, steps_per_level=2, num_levels=LEVELS, num_classes=K)
+    torch.manual_seed(0)
+    plain = glow(SHAPE, **kw).double()
+    saving = glow(SHAPE, memory_saving=True, **kw).double()
+    x, y = _batch(8)
+    plain.initialize(x, y)
+    saving.load_state_dict(_perturbed(plain, scale=0.05).state_dict())
+    grads = []
+    for model in (plain, saving):
+        torch.manual_seed(1)
+        model.bpd(x, y).sum().backward()
+        grads.append({name: p.grad for name, p in model.named_parameters()})
+    assert grads[1]["context_encoder.weight"].abs().sum() > 0
+    assert max(float((grads[0][n] - grads[1][n]).abs().max()) for n in grads[0]) < 1e-10
+
+
 # -- the engine --------------------------------------------------------------------------------
 
 
@@ -394,3 +411,58 @@ def test_cli_train_refuses_a_conditional_builder_without_the_flag(tmp_path, caps
     assert "is conditional on 10 classes; train it with conditional=True (--conditional)" in _one_error_line(
         capsys.readouterr().err
     )
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import flowkit.layers.conditional
+    import flowkit.validation
+
+    for module in (flowkit.layers.conditional, flowkit.validation, sys.modules["flowkit.models.glow"]):
+        result = doctest.testmod(module)
+        assert result.failed == 0 and result.attempted > 0, module.__name__
+
+
+@pytest.mark.slow
+def test_readme_conditional_commands_run_as_written(tmp_path, monkeypatch, capsys):
+    """The README's "Conditional flows" commands and code, as written (one epoch instead of 40)."""
+    import shlex
+
+    monkeypatch.chdir(tmp_path)
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = text.index("## Conditional flows\n")
+    blocks = re.findall(r"```(bash|python)\n(.*?)```", text[start : text.index("\n## ", start + 1)], re.S)
+    assert [kind for kind, _ in blocks] == ["bash", "python"]
+    for line in blocks[0][1].replace("\\\n", " ").splitlines():
+        argv = shlex.split(line, comments=True)
+        assert argv[0] == "flowkit", line
+        argv = ["1" if argv[i - 1] == "--epochs" else a for i, a in enumerate(argv) if i]
+        assert main(argv) == 0, (line, capsys.readouterr().err)
+    namespace: dict = {}
+    exec(compile(blocks[1][1], "README.md", "exec"), namespace)
+    assert namespace["bpd"].shape == (64,) and namespace["threes"].shape == (16, *SHAPE)
+    assert namespace["sevens"].shape == (64, *SHAPE) and namespace["checkpoint"].num_classes == K
+    assert (tmp_path / "threes.png").is_file() and (tmp_path / "rows.png").is_file()
+    assert (tmp_path / "runs/cond/analysis/class_samples.png").is_file()
+
+
+@pytest.mark.cuda
+def test_conditional_model_trains_and_samples_on_cuda(tmp_path):
+    """Labels given on the CPU move to the model's device at the boundary; the engine on CUDA."""
+    from flowkit.analysis import class_samples
+
+    torch.manual_seed(0)
+    model = glow(SHAPE, num_levels=LEVELS, num_classes=K, **TINY).to("cuda")
+    x, y = _batch(8)
+    model.initialize(x.cuda(), y)  # CPU labels
+    lp = model.log_prob(x.cuda(), y.cuda())
+    assert lp.device.type == "cuda" and torch.isfinite(lp).all()
+    lp.mean().backward()
+    assert model.prior.loc.grad.device.type == "cuda"
+    assert model.sample(3, 0.7, y=3).device.type == "cuda"
+    assert class_samples(model, per_class=2).shape == (2 * K, *SHAPE)
+    result = train(_config(tmp_path / "gpu", device="cuda"))
+    assert math.isfinite(result.test_bpd)
+    reloaded, _ = load_checkpoint(result.files.best, device="cuda")
+    assert reloaded.sample(2, 0.7, y=torch.tensor([1, 2])).device.type == "cuda"

@@ -51,11 +51,11 @@ def bpd_sum(
             if max_batches is not None and i >= max_batches:
                 break
             x, y = _images_and_labels(model, batch)
-            labels = () if y is None else (y,)  # an unconditional model is called as before: bpd(x, ...)
+            labels = {} if y is None else {"y": y}  # an unconditional model is called as before: bpd(x, ...)
             if importance_samples > 1:
-                bpd = model.bpd_importance(x, *labels, num_samples=importance_samples, validate=validate)
+                bpd = model.bpd_importance(x, num_samples=importance_samples, validate=validate, **labels)
             else:
-                bpd = model.bpd(x, *labels, validate=validate)
+                bpd = model.bpd(x, validate=validate, **labels)
             batch_sum = bpd.double().sum()
             total = batch_sum if total is None else total + batch_sum
             count += x.shape[0]
