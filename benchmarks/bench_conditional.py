@@ -20,6 +20,13 @@ coupling net) and once unconditional, with the same seed, data order and schedul
 ``--prior-only`` adds a third model, conditioned through the prior alone
 (``label_channels=0``), to show what the label embedding in the coupling nets adds.
 
+Measured (this command, flowkit's demo settings: 2 levels x 4 steps, 32 hidden, 40 epochs, lr 2e-3):
+the default conditional Glow's samples are classified as their class 99.9 % of the time (99-100 %
+per class; the prior alone: 85.6 %); test bpd 1.901 given the label vs 1.992 unconditional, a
+0.090 difference, above the 0.052 an exact density can gain from the label because the
+conditional model is also the better density (marginal bpd 1.954, 0.038 below the unconditional
+model; marginal minus given-the-label 0.049 <= 0.052); its Bayes classifier: 98.1 %.
+
 Run (1 thread, several minutes on a shared 2-core CPU)::
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_conditional.py --prior-only
