@@ -81,6 +81,19 @@ def test_prior_refuses_missing_or_float_labels():
         prior(torch.randn(2, 4), context=torch.tensor([0, 1, 2]))
 
 
+def test_gated_conv_net_broadcasts_a_vector_context_over_the_image():
+    from flowkit.check import perturb_parameters
+    from flowkit.layers import GatedConvNet
+
+    net = perturb_parameters(GatedConvNet(2, 4, 8, 1, context_channels=3))
+    x, e = torch.randn(5, 2, 4, 4), torch.randn(5, 3)
+    torch.testing.assert_close(net(x, e), net(x, e[:, :, None, None].expand(-1, -1, 4, 4)), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"context: expected shape \[5, 3, 4, 4\] \(or \[5, 3\], broadcast"):
+        net(x, torch.randn(5, 2))
+    with pytest.raises(ValueError, match="context: expected shape"):
+        net(x, torch.randn(5, 3, 2, 2))
+
+
 # -- the model ---------------------------------------------------------------------------------
 
 
@@ -403,6 +416,18 @@ def test_cli_sample_errors_are_one_line(run, unconditional_checkpoint, tmp_path,
     assert not (tmp_path / "x.png").exists()
     with pytest.raises(SystemExit):  # argparse: not a list of labels
         main(["sample", "--checkpoint", best, "--labels", "1,a"])
+
+
+def test_cli_train_conditional_names_the_argument_an_unconditional_builder_lacks(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(Path(__file__).with_name("user_flows.py"), tmp_path / "plain_user_flows.py")
+    try:
+        assert main(_train_args("run", "--model", "plain_user_flows:hand_glow", "--conditional")) == 2
+    finally:
+        sys.modules.pop("plain_user_flows", None)
+    line = _one_error_line(capsys.readouterr().err)
+    assert "unexpected keyword argument 'num_classes'" in line and "calls the builder with num_classes=K" in line
+    assert not (tmp_path / "run").exists()
 
 
 def test_cli_train_refuses_a_conditional_builder_without_the_flag(tmp_path, capsys):

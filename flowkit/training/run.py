@@ -220,7 +220,12 @@ def _model_and_recipe(
         assert config.model is not None  # set by _resolve_model_option
         recipe = ModelRecipe(config.model, info.image_shape, info.num_levels, _builder_kwargs(config, info))
         seed_all(config.seed)
-        model = recipe.build()
+        try:
+            model = recipe.build()
+        except ModelBuildError as err:
+            if config.conditional and "num_classes" in str(err):
+                raise ModelBuildError(f"{err} (a conditional run calls the builder with num_classes=K)") from err
+            raise
     _check_fits_data(model, info, config)
     return model, recipe
 
