@@ -12,6 +12,12 @@
   final level's latent while every early split-off gets fresh noise.
 * :func:`plot_temperature_sweep`: samples from ``N(0, T^2 I)`` for several ``T``, the same
   base noise in every row.
+* :func:`plot_class_samples`: for a class-conditional model, one row of samples per class,
+  the same base noise in every row (so each column keeps its "style" across the classes).
+
+Class-conditional models (``ImageFlow.is_conditional``): interpolation runs between two
+images of the same class, given that class (pass the images' ``labels``); in the temperature
+sweep and the shared-final-latent picture column ``j`` shows class ``j mod K``.
 
 :func:`analyze` runs every analysis that applies to a model (``flowkit analyze`` calls it).
 Pictures have a fixed size in pixels (stated in each docstring, at ``dpi=100``), so tests can
@@ -42,6 +48,9 @@ __all__ = [
     "plot_interpolation",
     "plot_shared_final_latent",
     "plot_temperature_sweep",
+    "class_samples",
+    "plot_class_samples",
+    "same_class_pairs",
     "shared_final_latent_samples",
     "temperature_sweep_samples",
     "analyze",
@@ -62,6 +71,14 @@ def _check_model(model, name: str = "model") -> ImageFlow:
     if not isinstance(model, ImageFlow):
         raise TypeError(f"{name}: expected a flowkit ImageFlow, got {type(model).__name__}")
     return model
+
+
+def _column_labels(model: ImageFlow, num_rows: int, num_cols: int) -> torch.Tensor | None:
+    """Labels of a ``num_rows x num_cols`` grid (row by row) for a conditional model: column
+    ``j`` is class ``j mod K``; ``None`` for an unconditional model."""
+    if model.num_classes is None:
+        return None
+    return (torch.arange(num_cols, device=model.device) % model.num_classes).repeat(num_rows)
 
 
 # -- dequantization distribution (the tutorial's figure) ---------------------------------------
@@ -265,13 +282,15 @@ def plot_interpolation(
     steps: int = 8,
     num_pairs: int | None = None,
     seed: int = 0,
+    labels: torch.Tensor | None = None,
 ) -> tuple[Path, torch.Tensor]:
     """One row per image pair ``(images[2i], images[2i+1])``: the images decoded along the
     straight line ``z = (1 - w) z_1 + w z_2`` between their latents (:meth:`ImageFlow.interpolate`).
 
     The first and last columns reproduce the pair exactly.  The latents of a stochastic
     dequantization depend on its noise; ``seed`` fixes it (the caller's random state is
-    left as it was).
+    left as it was).  A class-conditional model needs the images' ``labels`` (``[N]``); the two
+    images of a pair must share their class, which encodes and decodes the whole row.
 
     Returns:
         ``(path, grid)`` with ``grid`` the ``[pairs * steps, C, H, W]`` integer images.
@@ -285,11 +304,57 @@ def plot_interpolation(
     pairs = images.shape[0] // 2 if num_pairs is None else check_int("num_pairs", num_pairs, 1)
     if 2 * pairs > images.shape[0]:
         raise ValueError(f"num_pairs: {pairs} pairs need {2 * pairs} images, got {images.shape[0]}")
+    classes = _pair_classes(model, labels, images.shape[0], pairs)
     with _seeded(seed, model.device):
-        rows = [model.interpolate(images[2 * i], images[2 * i + 1], steps=steps).cpu() for i in range(pairs)]
+        rows = [
+            model.interpolate(images[2 * i], images[2 * i + 1], steps=steps, y=classes[i]).cpu() for i in range(pairs)
+        ]
     grid = torch.cat(rows)
     out = save_image_grid(grid, path, model.num_levels, steps, title=f"interpolation in latent space ({steps} steps)")
     return out, grid
+
+
+def _pair_classes(model: ImageFlow, labels, num_images: int, pairs: int) -> list[int | None]:
+    """The class of each interpolated pair (``None`` for an unconditional model)."""
+    if not model.is_conditional:
+        if labels is not None:
+            raise ValueError("labels: the model is unconditional; interpolate without labels")
+        return [None] * pairs
+    if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != (num_images,):
+        raise ValueError(
+            f"labels: the model is conditional, so interpolation needs the images' labels, a tensor [{num_images}]; "
+            f"got {labels if labels is None else tuple(getattr(labels, 'shape', ()))}"
+        )
+    found = labels.tolist()
+    for i in range(pairs):
+        if found[2 * i] != found[2 * i + 1]:
+            raise ValueError(
+                f"labels: images {2 * i} and {2 * i + 1} have classes {found[2 * i]} and {found[2 * i + 1]}; a "
+                "conditional model interpolates within one class, so each pair must share its class"
+            )
+    return [found[2 * i] for i in range(pairs)]
+
+
+def same_class_pairs(
+    images: torch.Tensor, labels: torch.Tensor, max_pairs: int = 3
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to ``max_pairs`` pairs of images that share a class, one pair per class in order of
+    first appearance: ``(images [2P, C, H, W], labels [2P])`` for :func:`plot_interpolation`.
+
+    Raises:
+        ValueError: no two images share a class.
+    """
+    rows: list[int] = []
+    first: dict[int, int] = {}  # class -> its first image
+    for index, label in enumerate(labels.tolist()):
+        if label not in first:
+            first[label] = index
+        elif first[label] not in rows and len(rows) < 2 * max_pairs:  # one pair per class
+            rows += [first[label], index]
+    if not rows:
+        raise ValueError(f"images: no two of the {images.shape[0]} images share a class; give more images")
+    picked = torch.tensor(rows)
+    return images[picked], labels[picked]
 
 
 # -- multiscale: shared final latent -------------------------------------------------------------
@@ -305,7 +370,8 @@ def shared_final_latent_samples(
 
     The flattened latent holds the levels in :attr:`ImageFlow.level_shapes` order (early
     split-offs first, final last); each row draws one final-level latent and gives every
-    column fresh early-level noise, all at ``temperature``.
+    column fresh early-level noise, all at ``temperature``.  Conditional models: column ``j``
+    is class ``j mod K``.
 
     Returns:
         ``[num_rows * num_cols, C, H, W]`` integer images.
@@ -326,7 +392,7 @@ def shared_final_latent_samples(
     z = model.sample_latents(num_rows * num_cols, temperature, generator).reshape(num_rows * num_cols, -1)
     shared = model.sample_latents(num_rows, temperature, generator).reshape(num_rows, -1)[:, -final:]
     z[:, -final:] = shared.repeat_interleave(num_cols, dim=0)
-    return model.decode(z.reshape(-1, *model.latent_shape))
+    return model.decode(z.reshape(-1, *model.latent_shape), _column_labels(model, num_rows, num_cols))
 
 
 def plot_shared_final_latent(
@@ -351,7 +417,8 @@ def temperature_sweep_samples(
     model: ImageFlow, temperatures: Sequence[float] = (0.3, 0.5, 0.7, 0.9, 1.0), num_cols: int = 8, seed: int = 0
 ) -> torch.Tensor:
     """``model.sample(num_cols, T)`` for each ``T``, re-seeded so that every row uses the same
-    base noise ``eps`` (``z = T * eps``).  Returns ``[len(temperatures) * num_cols, C, H, W]``."""
+    base noise ``eps`` (``z = T * eps``).  Returns ``[len(temperatures) * num_cols, C, H, W]``.
+    Conditional models: column ``j`` is class ``j mod K``."""
     model = _check_model(model)
     check_int("num_cols", num_cols, 1)
     temps = [float(t) for t in temperatures]
@@ -360,7 +427,7 @@ def temperature_sweep_samples(
     rows = []
     for t in temps:
         gen = torch.Generator(device=model.device).manual_seed(seed)
-        rows.append(model.sample(num_cols, temperature=t, generator=gen).cpu())
+        rows.append(model.sample(num_cols, temperature=t, generator=gen, y=_column_labels(model, 1, num_cols)).cpu())
     return torch.cat(rows)
 
 
@@ -384,6 +451,82 @@ def plot_temperature_sweep(
     ), images
 
 
+# -- class-conditional models: one row per class --------------------------------------------------
+def _classes(model: ImageFlow, classes: Sequence[int] | None) -> list[int]:
+    if not model.is_conditional:
+        raise ValueError(
+            "model: it is unconditional (built without num_classes), so it has no classes to sample; "
+            "build it with num_classes=K (flowkit train --conditional)"
+        )
+    assert model.num_classes is not None
+    if classes is None:
+        return list(range(model.num_classes))
+    if isinstance(classes, (str, bytes)) or not isinstance(classes, Sequence) or not classes:
+        raise ValueError(f"classes: expected a non-empty list of class labels, got {classes!r}")
+    return [check_int("classes", k, low=0, high=model.num_classes - 1) for k in classes]
+
+
+@torch.no_grad()
+def class_samples(
+    model: ImageFlow,
+    per_class: int = 8,
+    temperature: float = 0.7,
+    classes: Sequence[int] | None = None,
+    generator: torch.Generator | None = None,
+    shared_noise: bool = True,
+) -> torch.Tensor:
+    """``per_class`` samples of each class of a class-conditional model, class by class.
+
+    Args:
+        model: a conditional :class:`ImageFlow`.
+        per_class: samples per class.
+        temperature: of the base noise.
+        classes: the classes, in row order (default: all, ``0 .. K-1``).
+        generator: for the base noise.
+        shared_noise: every class decodes the same ``per_class`` base latents (column ``j``
+            keeps its "style" across the rows); ``False``: fresh noise for every image.
+
+    Returns:
+        ``[len(classes) * per_class, C, H, W]`` integer images (class ``classes[i]`` in rows
+        ``i * per_class ... (i + 1) * per_class - 1``).
+
+    Raises:
+        ValueError: the model is unconditional, or a class is out of range.
+    """
+    model = _check_model(model)
+    rows = _classes(model, classes)
+    check_int("per_class", per_class, 1)
+    labels = torch.tensor(rows, device=model.device).repeat_interleave(per_class)
+    if shared_noise:
+        u = model.sample_latents(per_class, temperature, generator)
+        u = u.repeat(len(rows), *[1] * len(model.latent_shape))
+    else:
+        u = model.sample_latents(len(labels), temperature, generator)
+    return model.decode(u, labels)
+
+
+def plot_class_samples(
+    model: ImageFlow,
+    path: str | os.PathLike,
+    per_class: int = 8,
+    temperature: float = 0.7,
+    classes: Sequence[int] | None = None,
+    seed: int = 0,
+    shared_noise: bool = True,
+    class_names: Sequence[str] | None = None,
+    title: str | None = None,
+) -> tuple[Path, torch.Tensor]:
+    """PNG of :func:`class_samples`, one row per class (labelled ``class k`` or with
+    ``class_names[k]``), under ``title`` (default: what the picture shows); returns ``(path, images)``."""
+    rows = _classes(_check_model(model), classes)
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    images = class_samples(model, per_class, temperature, rows, gen, shared_noise).cpu()
+    names = [f"class {k}" if class_names is None else str(class_names[k]) for k in rows]
+    noise = "same base noise per column" if shared_noise else "fresh noise per image"
+    title = title or f"one row per class (T={temperature:g}, {noise})"
+    return save_image_grid(images, path, model.num_levels, per_class, title=title, row_labels=names), images
+
+
 # -- everything at once --------------------------------------------------------------------------
 def analyze(
     model: ImageFlow,
@@ -393,13 +536,16 @@ def analyze(
     repeats: int = 8,
     seed: int = 0,
     name: str = "model",
+    labels: torch.Tensor | None = None,
 ) -> dict[str, Path]:
     """Run every analysis that applies to ``model`` and write the PNGs under ``out``.
 
     Files: ``dequantization_distribution.png`` (uniform prior) and
     ``dequantization_distribution_prior.png`` (levels weighted by their frequency in
     ``images``), ``dequantization_noise.png``, ``interpolation.png``,
-    ``temperature_sweep.png`` and, for multiscale models, ``shared_final_latent.png``.
+    ``temperature_sweep.png``, for multiscale models ``shared_final_latent.png``, and for
+    class-conditional models ``class_samples.png`` (one row of samples per class; the
+    interpolation then runs between images of the same class).
 
     Args:
         model: a (trained) :class:`ImageFlow`.
@@ -409,6 +555,7 @@ def analyze(
         repeats: dequantization-noise draws per image.
         seed: seeds the random draws.
         name: the model's label in the noise histogram.
+        labels: the images' class labels ``[N]``: needed for a class-conditional model.
 
     Returns:
         ``{analysis name: path}``.
@@ -430,12 +577,24 @@ def analyze(
         files["dequantization_noise"], _ = plot_dequantization_noise(
             {name: model}, images, out / "dequantization_noise.png", repeats
         )
-    files["interpolation"], _ = plot_interpolation(
-        model, images[: min(6, images.shape[0] // 2 * 2)], out / "interpolation.png", seed=seed
-    )
+    files["interpolation"], _ = _plot_pairs(model, images, labels, out / "interpolation.png", seed)
     files["temperature_sweep"], _ = plot_temperature_sweep(
         model, out / "temperature_sweep.png", temperatures, seed=seed
     )
     if len(model.level_shapes) > 1:
         files["shared_final_latent"], _ = plot_shared_final_latent(model, out / "shared_final_latent.png", seed=seed)
+    if model.is_conditional:
+        files["class_samples"], _ = plot_class_samples(model, out / "class_samples.png", seed=seed)
     return files
+
+
+def _plot_pairs(model: ImageFlow, images: torch.Tensor, labels, path: Path, seed: int) -> tuple[Path, torch.Tensor]:
+    """:func:`plot_interpolation` of the first three pairs (of the same class, for a conditional model)."""
+    if not model.is_conditional:
+        return plot_interpolation(model, images[: min(6, images.shape[0] // 2 * 2)], path, seed=seed, labels=labels)
+    if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != (images.shape[0],):
+        raise ValueError(
+            f"labels: the model is conditional, so analyze needs the images' labels, a tensor [{images.shape[0]}]"
+        )
+    pairs, pair_labels = same_class_pairs(images, labels, max_pairs=3)
+    return plot_interpolation(model, pairs, path, seed=seed, labels=pair_labels)

@@ -755,6 +755,68 @@ def _case_glow_flow() -> LayerCase:
     return LayerCase(model.flow, _floats(2, 1, 4, 4))
 
 
+# -- class-conditional parts: the label as context ------------------------------------------
+
+
+def _labels(b=3, num_classes=4, seed=0):
+    return torch.randint(0, num_classes, (b,), generator=torch.Generator().manual_seed(seed))
+
+
+@register_case("ClassConditionalPrior[context y]")
+def _case_class_conditional_prior() -> LayerCase:
+    from flowkit.layers import ClassConditionalPrior
+
+    return LayerCase(ClassConditionalPrior(4, (2, 2, 2)), _floats(3, 2, 2, 2), torch.tensor([0, 3, 0]))
+
+
+@register_case("nflows.AffineCoupling+GatedConvNet[label]")
+def _case_coupling_label_context() -> LayerCase:
+    from nflows.transforms import AffineCouplingTransform
+
+    from flowkit.layers import gated_conv_net
+
+    coupling = AffineCouplingTransform([1, -1, 1, -1], gated_conv_net(8, 1, context_channels=3))
+    return LayerCase(coupling, _floats(3, 4, 2, 2), _floats(3, 3, seed=1))  # context [B, 3], broadcast over the image
+
+
+class _LabelledFlow(Transform):
+    """A conditional :class:`~flowkit.models.ImageFlow`'s flow and prior as one transform of the
+    dequantized logits, with the labels as context (embedded for the flow as the model does)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.context_encoder, self.flow, self.prior = model.context_encoder, model.flow, model.prior
+
+    def forward(self, inputs, context=None):
+        z, ladj = self.flow(inputs, context=self.context_encoder(context))
+        u, ladj_prior = self.prior(z, context=context)
+        return u, ladj + ladj_prior
+
+    def inverse(self, inputs, context=None):
+        z, ladj_prior = self.prior.inverse(inputs, context=context)
+        x, ladj = self.flow.inverse(z, context=self.context_encoder(context))
+        return x, ladj + ladj_prior
+
+
+@register_case("conditional glow flow+prior[context y]")
+def _case_conditional_glow() -> LayerCase:
+    from flowkit.models import glow
+
+    model = glow(
+        (1, 4, 4), levels=2, steps_per_level=1, hidden_channels=8, num_layers=1, dequantization="uniform", num_classes=4
+    )
+    return LayerCase(_LabelledFlow(model), _floats(3, 1, 4, 4), _labels())
+
+
+@register_case("MemorySavingComposite(glow steps)[label]")
+def _case_memory_saving_context() -> LayerCase:
+    from flowkit.layers import MemorySavingComposite
+    from flowkit.models.glow import glow_step
+
+    steps = MemorySavingComposite([glow_step(4, i, 8, 1, context_channels=3) for i in range(2)])
+    return LayerCase(steps, _floats(3, 4, 2, 2), _floats(3, 3, seed=1))
+
+
 # -- flowkit.bridge: normflows flows as nflows Transforms (and back) -----------------------
 
 

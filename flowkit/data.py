@@ -45,17 +45,18 @@ DEFAULT_VAL_FRACTION = 0.1
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-    """Shape and quantisation of a data set's images."""
+    """Shape and quantisation of a data set's images, and the number of classes of its labels."""
 
     image_shape: tuple[int, int, int]
     num_levels: int
+    num_classes: int = 10
 
 
 _INFO = {
-    "digits": DatasetInfo((1, 8, 8), 17),
-    "mnist": DatasetInfo((1, 28, 28), 256),
-    "fashion-mnist": DatasetInfo((1, 28, 28), 256),
-    "cifar10": DatasetInfo((3, 32, 32), 256),
+    "digits": DatasetInfo((1, 8, 8), 17, 10),
+    "mnist": DatasetInfo((1, 28, 28), 256, 10),
+    "fashion-mnist": DatasetInfo((1, 28, 28), 256, 10),
+    "cifar10": DatasetInfo((3, 32, 32), 256, 10),
 }
 
 
@@ -70,11 +71,11 @@ def _check_name(name) -> str:
 
 
 def dataset_info(name: str) -> DatasetInfo:
-    """``DatasetInfo(image_shape, num_levels)`` of a data set in :data:`DATASETS`.
+    """``DatasetInfo(image_shape, num_levels, num_classes)`` of a data set in :data:`DATASETS`.
 
     Example:
         >>> dataset_info("digits")
-        DatasetInfo(image_shape=(1, 8, 8), num_levels=17)
+        DatasetInfo(image_shape=(1, 8, 8), num_levels=17, num_classes=10)
     """
     return _INFO[_check_name(name)]
 

@@ -34,6 +34,7 @@ __all__ = [
     "check_image_batch",
     "check_image_shape",
     "check_int",
+    "check_labels",
     "check_optional_int",
 ]
 
@@ -165,3 +166,29 @@ def check_image_batch(x: Any, name: str, num_levels: int, *, check_values: bool 
             raise ValueError(
                 f"{name}: values must lie in [0, {num_levels}) for num_levels={num_levels}, got min {lo} and max {hi}"
             )
+
+
+def check_labels(y: Any, name: str, num_classes: int, batch: int, *, check_values: bool = True) -> None:
+    """Validate class labels: an integer tensor of shape ``[batch]`` with values in ``[0, num_classes)``.
+
+    As in :func:`check_image_batch`, the type and shape checks read only metadata and the
+    value check (``check_values``: the min and max, one device synchronisation) steps aside
+    while ``torch.compile`` traces.
+
+    Example:
+        >>> check_labels(torch.tensor([0, 9]), "y", 10, batch=2)
+        >>> check_labels(torch.tensor([3, 10]), "y", 10, batch=2)
+        Traceback (most recent call last):
+        ...
+        ValueError: y: class labels must lie in [0, 10), got min 3 and max 10
+    """
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"{name}: expected a tensor of integer class labels [batch], got {type(y).__name__}")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise TypeError(f"{name}: expected integer class labels (int64/int32/uint8), got dtype {y.dtype}")
+    if tuple(y.shape) != (batch,):
+        raise ValueError(f"{name}: expected class labels of shape [{batch}] (one per image), got {tuple(y.shape)}")
+    if check_values and y.numel() > 0 and not torch.compiler.is_compiling():
+        lo, hi = torch.stack(torch.aminmax(y)).tolist()  # one read of the device
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(f"{name}: class labels must lie in [0, {num_classes}), got min {lo} and max {hi}")

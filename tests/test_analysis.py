@@ -134,9 +134,9 @@ def test_shared_final_latent_shares_exactly_the_final_level(multiscale):
     seen = []
     decode = multiscale.decode
 
-    def spy(z):
+    def spy(z, y=None):
         seen.append(z.clone())
-        return decode(z)
+        return decode(z, y)
 
     multiscale.decode = spy
     try:

@@ -75,6 +75,38 @@ def test_a_batch_is_read_once_at_the_boundary_and_never_inside(name):
     assert trusted.reads == [] and backward.reads == []
 
 
+def _conditional_glow() -> tuple[ImageFlow, torch.Tensor, torch.Tensor]:
+    """A class-conditional Glow (prior + label embedding in the couplings), initialised, training mode."""
+    torch.manual_seed(0)
+    model = glow((1, 8, 8), levels=2, steps_per_level=1, hidden_channels=8, num_levels=17, num_classes=10)
+    x, y = torch.randint(0, 17, (4, 1, 8, 8)), torch.tensor([0, 3, 9, 3])
+    model.initialize(x, y)
+    model.train()
+    return model, x, y
+
+
+def test_a_conditional_batch_and_its_labels_are_read_at_the_boundary_only():
+    model, x, y = _conditional_glow()
+    with HostReads() as checked:
+        loss = model.bpd(x, y).mean()
+    assert checked.reads == ["tolist", "tolist"], "validate=True: the images' and the labels' min/max"
+    with HostReads() as trusted:
+        loss = model.bpd(x, y, validate=False).mean()
+    with HostReads() as backward:
+        loss.backward()
+    assert trusted.reads == [] and backward.reads == []
+
+
+@pytest.mark.slow
+def test_conditional_bpd_traces_into_one_graph():
+    model, x, y = _conditional_glow()
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model.bpd)(x, y)
+    torch._dynamo.reset()
+    assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
+    assert explanation.graph_count == 1
+
+
 def test_nflows_actnorm_reads_its_flag_only_when_it_changed():
     act = ActNorm(3).train()
     x = torch.randn(16, 3, 2, 2) * 5 + 2

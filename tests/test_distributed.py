@@ -61,10 +61,10 @@ def _fixed_noise(inputs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.frac(0.5 + 0.6180339887 * inputs.to(dtype) + 0.7548776662 * pos)
 
 
-def _instrument(setattr_, record: dict, poison_call: int | None):
+def _instrument(setattr_, record: dict, poison_call: int | None, conditional: bool = False):
     """Fixed noise (the RNG's noise is still drawn and its first draw recorded), a count of
-    checkpoint writes, and the model to train (an instance, as a user passes one) with a NaN loss
-    on training call ``poison_call``."""
+    checkpoint writes, and the model to train (an instance, as a user passes one; class-conditional
+    with ``conditional``) with a NaN loss on training call ``poison_call``."""
     record.update(noise=None, saves=0, calls=0)
     real_noise = Dequantization.sample_noise
 
@@ -84,13 +84,14 @@ def _instrument(setattr_, record: dict, poison_call: int | None):
     setattr_(flowkit.training.hooks, "save_checkpoint", counting_save)
 
     torch.manual_seed(5)  # every rank builds the same model (and train() broadcasts rank 0's anyway)
-    model = record["model"] = build_model("glow", (1, 8, 8), 17, **TINY)
+    classes = {"num_classes": 10} if conditional else {}
+    model = record["model"] = build_model("glow", (1, 8, 8), 17, **TINY, **classes)
     clean_bpd = model.bpd
 
-    def bpd(x, **kwargs):
+    def bpd(x, *args, **kwargs):
         if model.training:
             record["calls"] += 1
-        out = clean_bpd(x, **kwargs)
+        out = clean_bpd(x, *args, **kwargs)
         if model.training and record["calls"] == poison_call:
             return out * torch.nan
         return out
@@ -106,7 +107,7 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a if a[k].is_floating_point())
 
 
-def _worker(rank: int, world: int, port: int, out: str, results: str) -> None:
+def _worker(rank: int, world: int, port: int, out: str, results: str, conditional: bool = False) -> None:
     # exactly what torchrun gives each process; train() sets up the process group itself
     os.environ.update(
         RANK=str(rank),
@@ -118,8 +119,8 @@ def _worker(rank: int, world: int, port: int, out: str, results: str) -> None:
     )
     torch.set_num_threads(1)
     record: dict = {}
-    model = _instrument(setattr, record, poison_call=2 if rank == 1 else None)  # a NaN loss on rank 1 only
-    result = train(_config(out, model=None), model=model)
+    model = _instrument(setattr, record, 2 if rank == 1 else None, conditional)  # a NaN loss on rank 1 only
+    result = train(_config(out, model=None, conditional=conditional), model=model)
     assert not dist.is_initialized(), "train() must destroy the process group it created"
     torch.save(
         {
@@ -137,34 +138,38 @@ def _worker(rank: int, world: int, port: int, out: str, results: str) -> None:
     )
 
 
-def _single_process(out, batch_size: int = GLOBAL_BATCH) -> tuple[dict, dict]:
+def _single_process(out, batch_size: int = GLOBAL_BATCH, conditional: bool = False) -> tuple[dict, dict]:
     """``(final state_dict, summary)`` of an instrumented one-process run."""
     record: dict = {}
     with pytest.MonkeyPatch.context() as mp_:
-        model = _instrument(mp_.setattr, record, poison_call=2)
-        result = train(_config(out, batch_size, model=None), model=model)
+        model = _instrument(mp_.setattr, record, 2, conditional)
+        result = train(_config(out, batch_size, model=None, conditional=conditional), model=model)
     return model.state_dict(), result
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """One-process runs (global batch, half batch), then one 2-process gloo run (forked workers
-    with torchrun's environment variables; forked after the first runs imported everything)."""
-    tmp = tmp_path_factory.mktemp("runs")
-    single = _single_process(tmp / "single")
-    half = _single_process(tmp / "half", GLOBAL_BATCH // 2)
+def _two_processes(tmp, conditional: bool = False) -> tuple[object, list[dict]]:
+    """``(out, [rank 0's record, rank 1's])`` of a 2-process gloo run (forked workers with
+    torchrun's environment variables; forked after the caller imported everything)."""
     out, results = tmp / "ddp", tmp / "ranks"
     results.mkdir()
-    procs = mp.start_processes(
-        _worker, args=(2, _free_port(), str(out), str(results)), nprocs=2, join=False, start_method="fork"
-    )
+    args = (2, _free_port(), str(out), str(results), conditional)
+    procs = mp.start_processes(_worker, args=args, nprocs=2, join=False, start_method="fork")
     deadline = time.monotonic() + 300  # a hung collective must fail the test, not stall CI
     while not procs.join(timeout=5):
         if time.monotonic() > deadline:
             for p in procs.processes:
                 p.kill()
             pytest.fail("2-process gloo run did not finish within 300 s")
-    ranks = [torch.load(results / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return out, [torch.load(results / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One-process runs (global batch, half batch), then one 2-process gloo run."""
+    tmp = tmp_path_factory.mktemp("runs")
+    single = _single_process(tmp / "single")
+    half = _single_process(tmp / "half", GLOBAL_BATCH // 2)
+    out, ranks = _two_processes(tmp)
     return {"out": out, "ranks": ranks, "single": single, "half": half}
 
 
@@ -215,6 +220,21 @@ def test_ranks_draw_different_noise_and_only_rank_0_writes(runs):
     assert r0["saves"] == 4 and r1["saves"] == 0  # last.pt + best.pt, 2 epochs (val improves with fixed noise)
     names = sorted(p.name for p in out.iterdir())
     assert names == ["best.pt", "curves.png", "last.pt", "metrics.csv", "metrics.json", "samples.png"]
+
+
+def test_a_conditional_model_trains_on_two_processes_as_on_one(tmp_path):
+    """Labels travel with their images: both ranks end identical and equal one process on the
+    same global batch, as for an unconditional model."""
+    single_state, single = _single_process(tmp_path / "single", conditional=True)
+    out, (r0, r1) = _two_processes(tmp_path, conditional=True)
+    for key in r0["state"]:
+        assert torch.equal(r0["state"][key], r1["state"][key]), key
+    assert "prior.loc" in r0["state"] and "context_encoder.weight" in r0["state"]
+    diff = _max_diff(single_state, r0["state"])
+    print(f"conditional: max |2-process - 1-process| = {diff:.2e}")
+    assert diff < 1e-5, diff
+    assert r0["result"]["test_bpd"] == pytest.approx(single.test_bpd, abs=1e-4)
+    assert torch.load(out / "last.pt", weights_only=True)["num_classes"] == 10
 
 
 @pytest.mark.slow

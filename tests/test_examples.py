@@ -18,7 +18,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = ("tutorial_comparison", "glow_from_library_parts", "mixing_layers", "custom_layer", "reverse_kl_two_modes")
+EXAMPLES = (
+    "tutorial_comparison",
+    "glow_from_library_parts",
+    "mixing_layers",
+    "custom_layer",
+    "reverse_kl_two_modes",
+    "conditional_digits",
+)
 TIMEOUT_S = 600
 
 
@@ -137,7 +144,13 @@ def test_custom_layer_is_verified_and_bugs_are_caught(runs, samples_grid_shape):
 
 def test_image_examples_train_through_the_engine():
     """No example hand-writes a training loop: none calls backward or an optimizer itself."""
-    for name in ("glow_from_library_parts", "mixing_layers", "custom_layer", "tutorial_comparison"):
+    for name in (
+        "glow_from_library_parts",
+        "mixing_layers",
+        "custom_layer",
+        "tutorial_comparison",
+        "conditional_digits",
+    ):
         source = (ROOT / "examples" / f"{name}.py").read_text()
         assert "train(" in source, name
         assert ".backward(" not in source and "optim." not in source, name
@@ -178,3 +191,17 @@ def test_reverse_kl_two_modes(runs):
     for name in m["files"]:
         h, w, c = png_shape(out / name)
         assert h >= 200 and w >= 200 and c in (3, 4)
+
+
+def test_conditional_digits_draws_one_row_per_class(runs):
+    text, out = finish(runs, "conditional_digits")
+    m = engine_run(out)
+    assert m["config"]["conditional"] is True and finite(m["test_bpd"]) and 0.5 < m["test_bpd"] < 6.0
+    example = load_json(out / "example.json")
+    assert example["test_bpd"] == m["test_bpd"]
+    # a few seconds of training already classify the real test digits far above chance (10 %)
+    assert 0.2 < example["bayes_accuracy"] <= 1.0, example
+    assert f"{example['bayes_accuracy']:.1%}" in text
+    zoom = 48 // 8  # save_image_grid: 6 px per pixel of an 8x8 digit; 60 px of row labels, 24 of title
+    assert png_shape(out / "class_samples.png") == (24 + zoom * (10 * 9 + 1), 60 + zoom * (10 * 9 + 1), 4)
+    assert png_shape(out / "threes.png") == (24 + zoom * (2 * 9 + 1), zoom * (8 * 9 + 1), 4)

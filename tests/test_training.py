@@ -508,7 +508,11 @@ def test_evaluate_matches_the_model_bounds():
     many = evaluate(model, loader, importance_samples=4)
     torch.manual_seed(1)
     with torch.no_grad():
-        expected = torch.cat([model.bpd_importance(x[:16], 4), model.bpd_importance(x[16:], 4)]).mean().item()
+        expected = (
+            torch.cat([model.bpd_importance(x[:16], num_samples=4), model.bpd_importance(x[16:], num_samples=4)])
+            .mean()
+            .item()
+        )
     assert many == pytest.approx(expected, abs=1e-6)
     assert model.training  # mode restored
     with pytest.raises(ValueError, match="importance_samples"):

@@ -25,7 +25,7 @@ def _temperatures(text: str) -> list[float]:
 def _run(args) -> int:
     import torch
 
-    from flowkit.analysis import analyze
+    from flowkit.analysis import analyze, same_class_pairs
     from flowkit.data import load_splits
     from flowkit.training import load_checkpoint, resolve_device
     from flowkit.validation import check_int
@@ -38,7 +38,8 @@ def _run(args) -> int:
     config = checkpoint.config
     data = args.data or config.get("data", "digits")
     root = args.data_root or config.get("data_root", "data")
-    images = load_splits(data, root=root, download=False)[args.split].images[: args.num_images].long()
+    split = load_splits(data, root=root, download=False)[args.split]
+    images, labels = split.images[: args.num_images].long(), split.labels[: args.num_images]
     with user_input():
         if images.shape[0] < 2:
             raise ValueError(f"--num-images: need at least 2 images, the {args.split} split gave {images.shape[0]}")
@@ -46,8 +47,18 @@ def _run(args) -> int:
             raise ValueError(
                 f"--data: {data} has images {tuple(images.shape[1:])}, the model takes {checkpoint.image_shape}"
             )
+        if model.is_conditional:  # interpolation runs within a class: two of the images must share one
+            same_class_pairs(images, labels)
     torch.manual_seed(args.seed)
-    files = analyze(model, images, args.out, temperatures=args.temperatures, seed=args.seed, name=checkpoint.model_name)
+    files = analyze(
+        model,
+        images,
+        args.out,
+        temperatures=args.temperatures,
+        seed=args.seed,
+        name=checkpoint.model_name,
+        labels=labels if model.is_conditional else None,
+    )
     index = {name: str(path) for name, path in files.items()}
     write_json(Path(args.out) / "analysis.json", {"checkpoint": str(args.checkpoint), "files": index})
     for name, path in index.items():
@@ -60,7 +71,7 @@ def register(sub) -> None:
     p = sub.add_parser(
         "analyze",
         help="the tutorial's analyses of a checkpoint as PNGs "
-        "(dequantization, interpolation, temperature, multiscale latents)",
+        "(dequantization, interpolation, temperature, multiscale latents; one row per class if conditional)",
     )
     p.add_argument("--checkpoint", required=True, help="best.pt / last.pt written by `flowkit train`")
     p.add_argument("--out", required=True, help="folder for the PNGs")

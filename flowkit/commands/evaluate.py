@@ -1,4 +1,5 @@
-"""``flowkit evaluate``: bits/dim of a checkpoint on a data split."""
+"""``flowkit evaluate``: bits/dim of a checkpoint on a data split (of a class-conditional model:
+given each image's label, ``-log2 p(x | y) / D``)."""
 
 from __future__ import annotations
 
@@ -43,8 +44,9 @@ def _run(args) -> int:
         if args.importance_samples == 1
         else f"importance sampling, {args.importance_samples} samples"
     )
+    given = f" given the label ({model.num_classes} classes)" if model.num_classes is not None else ""
     print(
-        f"{args.split} bpd: {bpd:.4f} ({how}; {n} images of {config['data']}; {checkpoint.model_name} "
+        f"{args.split} bpd{given}: {bpd:.4f} ({how}; {n} images of {config['data']}; {checkpoint.model_name} "
         f"from epoch {checkpoint.epoch})"
     )
     return 0

@@ -2,7 +2,8 @@
 
 ``--model`` is a registry name (glow, simple, vardeq, multiscale) or an import path
 ``package.module:function`` called as ``function(image_shape, num_levels, **model_kwargs)``;
-the current folder is on the import path.  ``--resume`` continues the run in ``--out`` with
+the current folder is on the import path.  ``--conditional`` trains a class-conditional model
+on the data set's labels (the builder also gets ``num_classes``).  ``--resume`` continues the run in ``--out`` with
 its stored options: only the ones in :data:`~flowkit.training.MAY_CHANGE_ON_RESUME`
 (``--epochs``, ``--device``, ``--threads``, ...) may be given differently.  A folder that
 already holds a run is refused unless ``--resume`` or ``--overwrite`` is given.
@@ -78,9 +79,10 @@ def _report(result) -> None:
     )
     procs = f" on {result.world_size} processes" if result.world_size > 1 else ""
     best = "none finite" if result.best_val_bpd is None else f"{result.best_val_bpd:.4f} (epoch {result.best_epoch})"
+    given = " given the label" if result.config.get("conditional") else ""
     print(
         f"\n{result.model_name} on {result.config['data']}: {result.num_parameters:,} parameters, {result.epochs} epochs"
-        f"{procs} in {result.train_time_s:.1f}s; best val bpd {best}; test bpd {test}"
+        f"{procs} in {result.train_time_s:.1f}s; best val bpd{given} {best}; test bpd{given} {test}"
     )
     if result.skipped_steps:
         print(f"skipped {result.skipped_steps} steps with a non-finite loss or gradient")
@@ -124,6 +126,14 @@ def register(sub) -> None:
         action="store_true",
         help="glow: invertible backprop, rebuild activations in backward instead of storing them "
         "(adds memory_saving=true to the model kwargs)",
+    )
+    _add(
+        p,
+        "conditional",
+        "class-conditional model p(x | label), trained on the data set's labels (the builder gets num_classes)",
+        "off",
+        action="store_const",
+        const=True,
     )
     _add(p, "epochs", "total epochs (with --resume: train until this many)", d.epochs, type=int)
     _add(p, "out", "run folder", d.out)

@@ -1,5 +1,6 @@
 """flowkit's layers: each an ``nflows.transforms.Transform`` (contract in :mod:`flowkit.layers.base`)."""
 
+from flowkit.layers.conditional import ClassConditionalPrior
 from flowkit.layers.coupling import MaskedAffineCoupling, channel_mask, checkerboard_mask
 from flowkit.layers.dequantization import (
     Dequantization,
@@ -17,6 +18,7 @@ from flowkit.layers.gated_conv import (
 from flowkit.layers.memory_saving import MemorySavingComposite
 
 __all__ = [
+    "ClassConditionalPrior",
     "ConcatELU",
     "Dequantization",
     "GatedConvNet",

@@ -129,7 +129,9 @@ class GatedConvNet(nn.Module):
         out_channels: channels of the output (``2 * C`` for affine coupling parameters).
         hidden_channels: width of the residual blocks.
         num_layers: number of gated residual blocks.
-        context_channels: channels of ``context``, concatenated after ``x``; 0 for none.
+        context_channels: channels of ``context``, concatenated after ``x``; 0 for none.  The
+            context is ``[B, context_channels, H, W]``, or ``[B, context_channels]`` (e.g. a
+            class-label embedding), broadcast to every pixel.
     """
 
     def __init__(
@@ -169,19 +171,22 @@ class GatedConvNet(nn.Module):
             return
         if context is None:
             raise ValueError(f"context: this net expects {self.context_channels} context channels, got None")
+        spatial = context.dim() == 4 and context.shape[2:] == x.shape[2:]
         if (
             context.shape[0] != x.shape[0]
-            or context.shape[1] != self.context_channels
-            or context.shape[2:] != x.shape[2:]
+            or context.shape[1:2] != (self.context_channels,)
+            or not (spatial or context.dim() == 2)
         ):
             raise ValueError(
-                f"context: expected shape [{x.shape[0]}, {self.context_channels}, {x.shape[2]}, {x.shape[3]}], "
-                f"got {tuple(context.shape)}"
+                f"context: expected shape [{x.shape[0]}, {self.context_channels}, {x.shape[2]}, {x.shape[3]}] "
+                f"(or [{x.shape[0]}, {self.context_channels}], broadcast over the image), got {tuple(context.shape)}"
             )
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         self._check_inputs(x, context)
         if context is not None:  # present exactly when the net was built with context channels
+            if context.dim() == 2:  # a vector per image (a label embedding): the same at every pixel
+                context = context[:, :, None, None].expand(-1, -1, x.shape[2], x.shape[3])
             x = torch.cat([x, context.to(x.dtype)], dim=1)
         if _channels_last_pays(x):
             # oneDNN's convs run about twice as fast in NHWC; the LayerNorm's permute is then free.

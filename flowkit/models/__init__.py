@@ -47,14 +47,18 @@ def _glow_builder(image_shape: Sequence[int], num_levels: int, **kwargs) -> Imag
     return glow(image_shape, num_levels=num_levels, **kwargs)
 
 
+_TUTORIAL_OPTIONS = ("num_classes", "label_channels")
+
+
 def _tutorial_builder(kind: str) -> Callable[..., ImageFlow]:
     def build(image_shape: Sequence[int], num_levels: int, **kwargs) -> ImageFlow:
-        if kwargs:
+        unknown = sorted(set(kwargs) - set(_TUTORIAL_OPTIONS))
+        if unknown:
             raise ValueError(
-                f"kwargs: the tutorial model {kind!r} takes no options, got {sorted(kwargs)}; "
+                f"kwargs: the tutorial model {kind!r} takes only {', '.join(_TUTORIAL_OPTIONS)}, got {unknown}; "
                 "only 'glow' accepts levels, steps_per_level, hidden_channels, ..."
             )
-        return tutorial_flow(kind, image_shape, num_levels)
+        return tutorial_flow(kind, image_shape, num_levels, **kwargs)
 
     return build
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from flowkit.layers import Dequantization, gated_conv_net
 from flowkit.layers.base import sum_except_batch
-from flowkit.models.image_flow import ImageFlow, _padding
+from flowkit.models.image_flow import ImageFlow, _padding, label_embedding
 from flowkit.models.tutorial import _variational_dequantization
 
 __all__ = [
@@ -103,11 +103,14 @@ def glow_coupling(
     hidden_channels: int = 64,
     num_layers: int = 2,
     coupling: str = "affine",
+    context_channels: int = 0,
 ) -> Transform:
     """One coupling of a Glow step on ``num_channels`` channels, conditioned through a
     :class:`~flowkit.layers.GatedConvNet` (zero-initialised last conv).
 
     ``index`` picks the half that is transformed (alternates between steps).
+    ``context_channels``: channels of the coupling's ``context`` (e.g. a label embedding
+    ``[B, E]``, broadcast over the image), 0 for none.
     ``coupling``: ``"affine"`` (nflows ``AffineCouplingTransform``, Glow's
     ``z_b = x_b * (sigmoid(h + 2) + 1e-3) + t``), ``"additive"`` (nflows
     ``AdditiveCouplingTransform``, ``z_b = x_b + t``, volume preserving) or
@@ -118,7 +121,7 @@ def glow_coupling(
     if not isinstance(num_channels, int) or num_channels < 2:
         raise ValueError(f"num_channels: a coupling splits channels, so at least 2 are needed; got {num_channels!r}")
     return _COUPLING_CLASSES[coupling](
-        _alternating_mask(num_channels, index), gated_conv_net(hidden_channels, num_layers)
+        _alternating_mask(num_channels, index), gated_conv_net(hidden_channels, num_layers, context_channels)
     )
 
 
@@ -128,13 +131,14 @@ def glow_step(
     hidden_channels: int = 64,
     num_layers: int = 2,
     coupling: str = "affine",
+    context_channels: int = 0,
 ) -> CompositeTransform:
     """One step of flow: ``ActNorm -> OneByOneConvolution (LU) -> coupling`` (nflows parts)."""
     return CompositeTransform(
         [
             ActNorm(num_channels),
             OneByOneConvolution(num_channels),
-            glow_coupling(num_channels, index, hidden_channels, num_layers, coupling),
+            glow_coupling(num_channels, index, hidden_channels, num_layers, coupling, context_channels),
         ]
     )
 
@@ -216,6 +220,8 @@ def glow(
     pad_to: Sequence[int] | None = None,
     pad_value: int = 0,
     memory_saving: bool = False,
+    num_classes: int | None = None,
+    label_channels: int | None = None,
 ) -> ImageFlow:
     """A Glow for integer images, as an :class:`ImageFlow`.
 
@@ -244,6 +250,13 @@ def glow(
         memory_saving: wrap each level's K steps in
             :class:`flowkit.layers.memory_saving.MemorySavingComposite` (recomputes
             activations in the backward pass instead of storing them).
+        num_classes: ``K`` for a class-conditional Glow (``log p(x | y)``, ``sample(n, T,
+            y=3)``): Glow's class-conditional prior (:class:`~flowkit.layers.ClassConditionalPrior`,
+            a per-class mean and log-scale of every level's latent) and a label embedding given
+            to every coupling net; ``None``: unconditional.
+        label_channels: channels of that label embedding (``nn.Embedding(K, E)``, broadcast over
+            the image as extra input channels of each GatedConvNet); default
+            :data:`~flowkit.models.image_flow.DEFAULT_LABEL_CHANNELS`; 0 conditions the prior only.
 
     Returns:
         An :class:`ImageFlow`; call ``model.initialize(batch)`` on real data before training
@@ -259,6 +272,9 @@ def glow(
         [(2, 4, 4), (8, 2, 2)]
         >>> model.sample(2).shape
         torch.Size([2, 1, 8, 8])
+        >>> digits = glow((1, 8, 8), levels=2, steps_per_level=1, hidden_channels=8, num_levels=17, num_classes=10)
+        >>> digits.sample(4, temperature=0.7, y=3).shape          # four 3s
+        torch.Size([4, 1, 8, 8])
     """
     shape = tuple(image_shape) if isinstance(image_shape, (tuple, list, torch.Size)) else None
     if shape is None or len(shape) != 3 or not all(isinstance(s, int) and s >= 1 for s in shape):
@@ -276,6 +292,7 @@ def glow(
         raise TypeError(f"memory_saving: expected a bool, got {type(memory_saving).__name__}")
     padded_shape, _ = _padding(shape, pad_to)
     plans = plan_glow_levels(padded_shape, levels, original_shape=shape)
+    context_encoder, context_channels = label_embedding(num_classes, label_channels)
 
     composite = CompositeTransform
     if memory_saving:
@@ -292,7 +309,10 @@ def glow(
     for plan in plans:
         channels = plan.squeezed_shape[0]
         steps = composite(
-            [glow_step(channels, i, hidden_channels, num_layers, coupling) for i in range(steps_per_level)]
+            [
+                glow_step(channels, i, hidden_channels, num_layers, coupling, context_channels)
+                for i in range(steps_per_level)
+            ]
         )
         flow.add_transform(CompositeTransform([SqueezeTransform(), steps]), plan.squeezed_shape)
 
@@ -301,4 +321,6 @@ def glow(
         deq = _variational_dequantization(c, h, w, num_levels)
     else:
         deq = Dequantization(num_levels=num_levels)
-    return ImageFlow(deq, flow, shape, pad_to=pad_to, pad_value=pad_value)
+    return ImageFlow(
+        deq, flow, shape, pad_to=pad_to, pad_value=pad_value, num_classes=num_classes, context_encoder=context_encoder
+    )

@@ -1,4 +1,5 @@
-"""``ImageFlow``: dequantization + a flow + a standard-normal base, for integer images."""
+"""``ImageFlow``: dequantization + a flow + a standard-normal base, for integer images,
+optionally conditioned on a class label."""
 
 from __future__ import annotations
 
@@ -11,9 +12,14 @@ from nflows.transforms import MultiscaleCompositeTransform, Transform
 from torch import nn
 
 from flowkit.layers.base import check_image_batch
+from flowkit.layers.conditional import ClassConditionalPrior
 from flowkit.layers.dequantization import Dequantization
+from flowkit.validation import check_int, check_labels
 
-__all__ = ["ImageFlow", "standard_normal_log_prob"]
+__all__ = ["DEFAULT_LABEL_CHANNELS", "ImageFlow", "label_embedding", "standard_normal_log_prob"]
+
+#: channels of the label embedding the built-in conditional models give their coupling nets
+DEFAULT_LABEL_CHANNELS = 8
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -42,6 +48,24 @@ class ImageFlow(nn.Module):
     figure comparable with unpadded models; dividing by ``model_dims`` would make the cheap
     constant border look like compression of the image.
 
+    Class-conditional models.  With ``num_classes=K`` the model is a density of ``x`` given a
+    label ``y`` in ``[0, K)``: every density, latent and sampling method takes ``y`` (an integer
+    tensor ``[batch]``, validated once here, at the boundary).  The label conditions
+
+    * the ``prior``, a Transform from the flow's latent to ``N(0, I)`` called with
+      ``context=y``: ``log p(x | y) = log N(prior(z, y)) + logabsdet``; by default a
+      :class:`~flowkit.layers.ClassConditionalPrior` (a per-class mean and log-scale of every
+      latent dimension, Glow's class-conditional prior, zero-initialised);
+    * and, with a ``context_encoder`` (e.g. ``nn.Embedding(K, E)``), the ``flow``: it is called
+      as ``flow(h, context=context_encoder(y))``, nflows' own context argument, which nflows'
+      composites pass to every layer (couplings hand it to their nets, e.g. a
+      :class:`~flowkit.layers.GatedConvNet` with ``context_channels=E``).
+
+    Latents (:meth:`encode`, :meth:`decode`, :meth:`sample_latents`) are the base's standard
+    normal ``u = prior(z, y)``, so ``decode(u, y)`` with one ``u`` and several labels draws the
+    same "style" in each class.  An unconditional model given ``y``, or a conditional one
+    without it, raises a ``TypeError`` saying so.
+
     Args:
         dequantization: a :class:`~flowkit.layers.Dequantization` (or the variational one),
             built for the padded shape.
@@ -53,6 +77,14 @@ class ImageFlow(nn.Module):
         pad_to: ``(H', W')`` with ``H' >= H`` and ``W' >= W``, or ``None`` for no padding.
         pad_value: the integer level used for the padding pixels (default 0, the background
             of MNIST-like data).
+        num_classes: ``K`` for a class-conditional model, ``None`` (default) for an
+            unconditional one.
+        prior: conditional models: an nflows Transform from the flow's latent (shaped as
+            ``latent_shape``) to the standard normal, called with ``context=y``; default
+            ``ClassConditionalPrior(num_classes, latent_shape)`` (pass nflows'
+            ``IdentityTransform()`` to leave the base unconditional).
+        context_encoder: conditional models: a module mapping labels ``[B]`` to the
+            ``context`` of ``flow``; ``None``: the flow gets no context.
     """
 
     def __init__(
@@ -63,6 +95,10 @@ class ImageFlow(nn.Module):
         latent_shape: Sequence[int] | None = None,
         pad_to: Sequence[int] | None = None,
         pad_value: int = 0,
+        *,
+        num_classes: int | None = None,
+        prior: Transform | None = None,
+        context_encoder: nn.Module | None = None,
     ):
         super().__init__()
         if not isinstance(dequantization, Dequantization):
@@ -89,6 +125,9 @@ class ImageFlow(nn.Module):
         self.latent_shape = tuple(int(s) for s in latent_shape)
         if math.prod(self.latent_shape) != self.model_dims:
             raise ValueError(f"latent_shape: {self.latent_shape} does not hold {self.model_dims} dimensions")
+        self.num_classes, self.prior, self.context_encoder = _conditioning(
+            num_classes, prior, context_encoder, self.latent_shape
+        )
 
     # -- where the model lives ---------------------------------------------------------
     @property
@@ -98,6 +137,11 @@ class ImageFlow(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.dequantization.dtype
+
+    @property
+    def is_conditional(self) -> bool:
+        """Whether the model is a density of images given a class label (built with ``num_classes``)."""
+        return self.num_classes is not None
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -120,6 +164,28 @@ class ImageFlow(nn.Module):
             raise ValueError(f"{name}: expected at least one image, got an empty batch of shape {tuple(x.shape)}")
         return x.to(self.device)
 
+    def _check_labels(self, y, batch: int, validate: bool = True, name: str = "y") -> torch.Tensor | None:
+        """The labels of a batch of ``batch`` images, checked against the model (the boundary, as
+        :meth:`_check_images`): ``None`` for an unconditional model, else ``y`` on the device."""
+        if self.num_classes is None:
+            if y is not None:
+                raise TypeError(
+                    f"{name}: this model is unconditional (built without num_classes), so it takes no class labels; "
+                    f"got {_describe(y)}"
+                )
+            return None
+        if y is None:
+            raise TypeError(
+                f"{name}: this model is conditional on {self.num_classes} classes; pass the class labels {name}, "
+                f"an integer tensor [{batch}] with values in [0, {self.num_classes})"
+            )
+        check_labels(y, name, self.num_classes, batch, check_values=validate)
+        return y.to(self.device)
+
+    def _flow_context(self, y: torch.Tensor | None) -> torch.Tensor | None:
+        """The ``context`` the flow gets for labels ``y``: ``context_encoder(y)``, or None."""
+        return None if y is None or self.context_encoder is None else self.context_encoder(y)
+
     # -- padding ----------------------------------------------------------------------
     @property
     def is_padded(self) -> bool:
@@ -140,25 +206,36 @@ class ImageFlow(nn.Module):
         return x[..., top : top + h, left : left + w]
 
     # -- density ----------------------------------------------------------------------
-    def encode_with_logdet(self, x: torch.Tensor, *, validate: bool = True):
-        """``(z, logabsdet)``: latents (shaped as ``latent_shape``) of integer images.
+    def encode_with_logdet(self, x: torch.Tensor, y: torch.Tensor | None = None, *, validate: bool = True):
+        """``(z, logabsdet)``: latents (shaped as ``latent_shape``) of integer images (given
+        their labels ``y`` for a conditional model).
 
         The batch is validated here, once (no layer further in reads the data back);
-        ``validate=False`` skips the check of the pixel values (a device synchronisation) for
-        data that was validated already (the trainer validates a data set once when it loads it).
+        ``validate=False`` skips the check of the pixel and label values (a device
+        synchronisation each) for data that was validated already (the trainer validates a
+        data set once when it loads it).
         """
-        return self._encode_valid(self._check_images(x, validate=validate))
+        x = self._check_images(x, validate=validate)
+        return self._encode_valid(x, self._check_labels(y, x.shape[0], validate))
 
-    def _encode_valid(self, x: torch.Tensor):
-        """:meth:`encode_with_logdet` of a batch that passed :meth:`_check_images`."""
+    def _encode_valid(self, x: torch.Tensor, y: torch.Tensor | None = None):
+        """:meth:`encode_with_logdet` of a batch that passed :meth:`_check_images` (and labels
+        that passed :meth:`_check_labels`)."""
         h, ladj = self.dequantization.forward_unchecked(self.pad(x))
-        z, ladj_flow = self.flow(h)
-        return z, ladj + ladj_flow
+        z, ladj_flow = self.flow(h, context=self._flow_context(y))
+        ladj = ladj + ladj_flow
+        if self.prior is None:
+            return z, ladj
+        u, ladj_prior = self.prior(z, context=y)
+        return u, ladj + ladj_prior
 
-    def log_prob(self, x: torch.Tensor, *, validate: bool = True) -> torch.Tensor:
-        """Lower bound on ``log P(x)`` in nats, shape ``[batch]`` (``validate``: see :meth:`encode_with_logdet`)."""
+    def log_prob(self, x: torch.Tensor, y: torch.Tensor | None = None, *, validate: bool = True) -> torch.Tensor:
+        """Lower bound on ``log P(x)`` (``log P(x | y)`` for a conditional model) in nats, shape
+        ``[batch]`` (``validate``: see :meth:`encode_with_logdet`)."""
+        x = self._check_images(x, validate=validate)
+        y = self._check_labels(y, x.shape[0], validate)
         log_prob_of_valid = self.__dict__.get("_compiled_log_prob", _log_prob_of_valid_images)
-        return log_prob_of_valid(self, self._check_images(x, validate=validate))
+        return log_prob_of_valid(self, x, y)
 
     def compile(self, *args, **kwargs) -> None:
         """Compile the density path with ``torch.compile``, in place (arguments go to ``torch.compile``).
@@ -178,41 +255,55 @@ class ImageFlow(nn.Module):
         """``-log_prob / (num_dims log 2)``; ``num_dims`` is the original (unpadded) C*H*W."""
         return -log_prob / (self.num_dims * math.log(2.0))
 
-    def bpd(self, x: torch.Tensor, *, validate: bool = True) -> torch.Tensor:
-        """Bits per dimension, ``-log_prob(x) / (D log 2)``, shape ``[batch]``.
+    def bpd(self, x: torch.Tensor, y: torch.Tensor | None = None, *, validate: bool = True) -> torch.Tensor:
+        """Bits per dimension, ``-log_prob(x) / (D log 2)`` (given ``y`` for a conditional model), shape ``[batch]``.
 
         ``D = num_dims`` is the original image's size; with padding the border's cost stays
         in ``log_prob`` (see the class docstring), so the figure is an upper bound per
         original pixel.
         """
-        return self.nats_to_bpd(self.log_prob(x, validate=validate))
+        return self.nats_to_bpd(self.log_prob(x, y, validate=validate))
 
-    def bpd_importance(self, x: torch.Tensor, num_samples: int = 8, *, validate: bool = True) -> torch.Tensor:
-        """Importance-sampled bits/dim: ``log (1/M) sum_m p(x + u_m) / q(u_m | x)``.
+    def bpd_importance(
+        self, x: torch.Tensor, y: torch.Tensor | None = None, num_samples: int = 8, *, validate: bool = True
+    ) -> torch.Tensor:
+        """Importance-sampled bits/dim: ``log (1/M) sum_m p(x + u_m) / q(u_m | x)`` (given ``y``
+        for a conditional model).
 
         A tighter bound than :meth:`bpd` (Burda et al., 2016; the tutorial's test metric).
         """
+        if isinstance(y, int):
+            raise TypeError(
+                f"y: got the int {y!r} where the class labels go; the number of samples is a keyword "
+                "argument: bpd_importance(x, num_samples=...)"
+            )
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples: expected a positive int, got {num_samples!r}")
-        self._check_images(x, validate=validate)
-        lls = torch.stack([self.log_prob(x, validate=False) for _ in range(num_samples)], dim=-1)
+        x = self._check_images(x, validate=validate)
+        y = self._check_labels(y, x.shape[0], validate)
+        lls = torch.stack([self.log_prob(x, y, validate=False) for _ in range(num_samples)], dim=-1)
         return self.nats_to_bpd(torch.logsumexp(lls, dim=-1) - math.log(num_samples))
 
     # -- latents and samples ----------------------------------------------------------
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Latents of integer images (stochastic through the dequantization noise)."""
-        return self.encode_with_logdet(x)[0]
+        return self.encode_with_logdet(x, y)[0]
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Integer images (``torch.long``, ``[batch, *image_shape]``, cropped back to the
-        original size when padded) from latents shaped ``[batch, *latent_shape]``."""
+        original size when padded) from latents shaped ``[batch, *latent_shape]`` (of class
+        ``y`` for a conditional model)."""
         if not isinstance(z, torch.Tensor) or not z.is_floating_point():
             raise TypeError(f"z: expected a floating-point tensor, got {type(z).__name__}")
         if tuple(z.shape[1:]) != self.latent_shape:
             raise ValueError(
                 f"z: expected shape [batch, {', '.join(map(str, self.latent_shape))}], got {tuple(z.shape)}"
             )
-        h, _ = self.flow.inverse(z.to(device=self.device, dtype=self.dtype))
+        y = self._check_labels(y, z.shape[0])
+        z = z.to(device=self.device, dtype=self.dtype)
+        if self.prior is not None:
+            z, _ = self.prior.inverse(z, context=y)
+        h, _ = self.flow.inverse(z, context=self._flow_context(y))
         x, _ = self.dequantization.inverse(h)
         return self.crop(x)
 
@@ -227,16 +318,40 @@ class ImageFlow(nn.Module):
         z = torch.randn((n, *self.latent_shape), dtype=self.dtype, device=self.device, generator=generator)
         return z * temperature
 
-    @torch.no_grad()
-    def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``n`` integer images ``[n, C, H, W]`` drawn at the given temperature."""
-        return self.decode(self.sample_latents(n, temperature, generator))
+    def as_labels(self, y: int | torch.Tensor | None, n: int, name: str = "y") -> torch.Tensor | None:
+        """``y`` as labels of ``n`` images: an int is one class for all ``n`` (a tensor is checked
+        as it is); ``None`` stays ``None``.  For :meth:`sample` and :meth:`interpolate`."""
+        if isinstance(y, int) and not isinstance(y, bool) and self.num_classes is not None:
+            check_int(name, y, low=0, high=self.num_classes - 1)
+            y = torch.full((n,), y, dtype=torch.long, device=self.device)
+        return self._check_labels(y, n, name=name)
 
     @torch.no_grad()
-    def interpolate(self, x1: torch.Tensor, x2: torch.Tensor, steps: int = 8) -> torch.Tensor:
+    def sample(
+        self,
+        n: int,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+        *,
+        y: int | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``n`` integer images ``[n, C, H, W]`` drawn at the given temperature.
+
+        ``y`` (conditional models): the class of every image, a tensor ``[n]`` of labels or
+        one int for all of them ("sample me a 3": ``model.sample(16, 0.7, y=3)``).
+        """
+        z = self.sample_latents(n, temperature, generator)
+        return self.decode(z, self.as_labels(y, n))
+
+    @torch.no_grad()
+    def interpolate(
+        self, x1: torch.Tensor, x2: torch.Tensor, steps: int = 8, *, y: int | torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Images decoded along the straight line between the latents of ``x1`` and ``x2``.
 
-        ``x1``, ``x2``: single integer images ``[C, H, W]`` (or ``[1, C, H, W]``).
+        ``x1``, ``x2``: single integer images ``[C, H, W]`` (or ``[1, C, H, W]``); ``y``
+        (conditional models): their class, an int (or a one-element tensor), used to encode
+        both and to decode the whole line.
         Returns ``[steps, C, H, W]``; the ends reproduce ``x1`` and ``x2`` exactly.
         """
         if not isinstance(steps, int) or steps < 2:
@@ -250,23 +365,56 @@ class ImageFlow(nn.Module):
                     f"{name}: expected one image [C, H, W] or [1, C, H, W], got {getattr(img, 'shape', img)}"
                 )
             pair.append(img)
-        z = self.encode(torch.cat(pair))
+        if isinstance(y, torch.Tensor) and y.numel() != 1:
+            raise ValueError(f"y: expected one class for both images (an int), got a tensor of shape {tuple(y.shape)}")
+        label = self.as_labels(y.reshape(1) if isinstance(y, torch.Tensor) else y, 1)
+        z = self.encode(torch.cat(pair), None if label is None else label.expand(2))
         w = torch.linspace(0, 1, steps, dtype=z.dtype, device=z.device).view(-1, *[1] * (z.dim() - 1))
-        return self.decode(z[:1] * (1 - w) + z[1:] * w)
+        return self.decode(z[:1] * (1 - w) + z[1:] * w, None if label is None else label.expand(steps))
 
     @torch.no_grad()
-    def initialize(self, x: torch.Tensor) -> None:
-        """Run one forward pass in training mode on a real batch (ActNorm's data-dependent init)."""
+    def initialize(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        """Run one forward pass in training mode on a real batch (ActNorm's data-dependent init);
+        ``y``: its labels, for a conditional model."""
         was_training = self.training
         self.train()
-        _log_prob_of_valid_images(self, self._check_images(x))  # eager, also after compile()
+        x = self._check_images(x)
+        _log_prob_of_valid_images(self, x, self._check_labels(y, x.shape[0]))  # eager, also after compile()
         self.train(was_training)
 
 
-def _log_prob_of_valid_images(model: ImageFlow, x: torch.Tensor) -> torch.Tensor:
-    """``log N(z) + logabsdet`` of a validated batch: what :meth:`ImageFlow.compile` compiles."""
-    z, logabsdet = model._encode_valid(x)
-    return standard_normal_log_prob(z) + logabsdet
+def _log_prob_of_valid_images(model: ImageFlow, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    """``log N(u) + logabsdet`` of a validated batch (and labels): what :meth:`ImageFlow.compile` compiles."""
+    u, logabsdet = model._encode_valid(x, y)
+    return standard_normal_log_prob(u) + logabsdet
+
+
+def _describe(value) -> str:
+    """A short description of an argument for a message: a tensor's shape, else its type."""
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return f"{type(value).__name__} {value!r}" if isinstance(value, (int, float)) else type(value).__name__
+
+
+def _conditioning(num_classes, prior, context_encoder, latent_shape: tuple[int, ...]):
+    """``(num_classes, prior, context_encoder)`` of an :class:`ImageFlow`, checked; the prior
+    defaults to a :class:`ClassConditionalPrior` for a conditional model."""
+    if num_classes is None:
+        given = [name for name, part in (("prior", prior), ("context_encoder", context_encoder)) if part is not None]
+        if given:
+            raise ValueError(
+                f"num_classes: {' and '.join(given)} condition on a class label, so the model needs num_classes=K "
+                "(the number of classes); got num_classes=None"
+            )
+        return None, None, None
+    num_classes = check_int("num_classes", num_classes, low=2)
+    if prior is not None and not isinstance(prior, Transform):
+        raise TypeError(f"prior: expected an nflows Transform (latent -> standard normal), got {type(prior).__name__}")
+    if context_encoder is not None and not isinstance(context_encoder, nn.Module):
+        raise TypeError(
+            f"context_encoder: expected a torch.nn.Module (labels -> context), got {type(context_encoder).__name__}"
+        )
+    return num_classes, (ClassConditionalPrior(num_classes, latent_shape) if prior is None else prior), context_encoder
 
 
 def _padding(image_shape: tuple[int, int, int], pad_to) -> tuple[tuple[int, int, int], tuple[int, int, int, int]]:
@@ -288,3 +436,16 @@ def _padding(image_shape: tuple[int, int, int], pad_to) -> tuple[tuple[int, int,
         )
     top, left = (ph - h) // 2, (pw - w) // 2
     return (c, ph, pw), (left, pw - w - left, top, ph - h - top)
+
+
+def label_embedding(num_classes: int | None, label_channels: int | None) -> tuple[nn.Embedding | None, int]:
+    """``(context_encoder, context_channels)`` of a built-in model: an ``nn.Embedding`` of the
+    labels into ``label_channels`` channels (``None``: :data:`DEFAULT_LABEL_CHANNELS`) for a
+    conditional model, ``(None, 0)`` for an unconditional one or with ``label_channels=0``
+    (only the prior is conditioned)."""
+    if num_classes is None:
+        if label_channels:
+            raise ValueError(f"label_channels: {label_channels} needs a conditional model (num_classes=K)")
+        return None, 0
+    channels = DEFAULT_LABEL_CHANNELS if label_channels is None else check_int("label_channels", label_channels, low=0)
+    return (nn.Embedding(check_int("num_classes", num_classes, low=2), channels), channels) if channels else (None, 0)

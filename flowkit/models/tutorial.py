@@ -14,7 +14,7 @@ from flowkit.layers import (
     channel_mask,
     checkerboard_mask,
 )
-from flowkit.models.image_flow import ImageFlow
+from flowkit.models.image_flow import ImageFlow, label_embedding
 
 __all__ = ["tutorial_flow", "TUTORIAL_KINDS"]
 
@@ -32,9 +32,12 @@ def _checkerboard_couplings(n: int, c: int, h: int, w: int, hidden: int, context
     ]
 
 
-def _channel_couplings(n: int, c: int, hidden: int):
+def _channel_couplings(n: int, c: int, hidden: int, context_channels: int = 0):
     return [
-        MaskedAffineCoupling(channel_mask(c, invert=(i % 2 == 1)), GatedConvNet(c, 2 * c, hidden), c) for i in range(n)
+        MaskedAffineCoupling(
+            channel_mask(c, invert=(i % 2 == 1)), GatedConvNet(c, 2 * c, hidden, context_channels=context_channels), c
+        )
+        for i in range(n)
     ]
 
 
@@ -44,7 +47,13 @@ def _variational_dequantization(c: int, h: int, w: int, num_levels: int) -> Vari
     return VariationalDequantization(noise_flow, num_levels=num_levels)
 
 
-def tutorial_flow(kind: str, image_shape: Sequence[int] = (1, 28, 28), num_levels: int = 256) -> ImageFlow:
+def tutorial_flow(
+    kind: str,
+    image_shape: Sequence[int] = (1, 28, 28),
+    num_levels: int = 256,
+    num_classes: int | None = None,
+    label_channels: int | None = None,
+) -> ImageFlow:
     """The tutorial's ``simple``, ``vardeq`` or ``multiscale`` flow as an :class:`ImageFlow`.
 
     * ``simple``: uniform dequantization + 8 checkerboard couplings (GatedConvNet, 32 hidden).
@@ -55,6 +64,11 @@ def tutorial_flow(kind: str, image_shape: Sequence[int] = (1, 28, 28), num_level
       ``MultiscaleCompositeTransform``.
 
     At ``(1, 28, 28)`` the parameter counts are the tutorial's: 335,128 / 379,556 / 1,062,090.
+
+    ``num_classes=K`` makes it class-conditional as :func:`~flowkit.models.glow` does: a
+    :class:`~flowkit.layers.ClassConditionalPrior` on the latent and a label embedding of
+    ``label_channels`` channels (default 8; 0: the prior only) as context of every coupling
+    net of the flow (the dequantization stays conditioned on the image only).
     """
     if kind not in TUTORIAL_KINDS:
         raise ValueError(f"kind: expected one of {TUTORIAL_KINDS}, got {kind!r}")
@@ -62,6 +76,10 @@ def tutorial_flow(kind: str, image_shape: Sequence[int] = (1, 28, 28), num_level
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"image_shape: expected (channels, height, width), got {image_shape!r}")
     c, h, w = shape
+    context_encoder, e = label_embedding(num_classes, label_channels)
+
+    def model(deq, flow) -> ImageFlow:
+        return ImageFlow(deq, flow, shape, num_classes=num_classes, context_encoder=context_encoder)
 
     if kind == "simple":
         deq = Dequantization(num_levels=num_levels)
@@ -69,7 +87,7 @@ def tutorial_flow(kind: str, image_shape: Sequence[int] = (1, 28, 28), num_level
         deq = _variational_dequantization(c, h, w, num_levels)
 
     if kind in ("simple", "vardeq"):
-        return ImageFlow(deq, CompositeTransform(_checkerboard_couplings(8, c, h, w, hidden=32)), shape)
+        return model(deq, CompositeTransform(_checkerboard_couplings(8, c, h, w, hidden=32, context_channels=e)))
 
     if h % 4 or w % 4:
         raise ValueError(
@@ -78,9 +96,11 @@ def tutorial_flow(kind: str, image_shape: Sequence[int] = (1, 28, 28), num_level
         )
     flow = MultiscaleCompositeTransform(2)
     level1 = CompositeTransform(
-        _checkerboard_couplings(2, c, h, w, hidden=32) + [SqueezeTransform()] + _channel_couplings(2, 4 * c, hidden=48)
+        _checkerboard_couplings(2, c, h, w, hidden=32, context_channels=e)
+        + [SqueezeTransform()]
+        + _channel_couplings(2, 4 * c, hidden=48, context_channels=e)
     )
     flow.add_transform(level1, (4 * c, h // 2, w // 2))
-    level2 = CompositeTransform([SqueezeTransform()] + _channel_couplings(4, 8 * c, hidden=64))
+    level2 = CompositeTransform([SqueezeTransform()] + _channel_couplings(4, 8 * c, hidden=64, context_channels=e))
     flow.add_transform(level2, (8 * c, h // 4, w // 4))
-    return ImageFlow(deq, flow, shape)
+    return model(deq, flow)

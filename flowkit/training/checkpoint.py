@@ -5,7 +5,8 @@ A checkpoint file holds tensors and JSON-able metadata only (it is read with
 
 * the model's ``state_dict`` and how to rebuild the model, its :class:`ModelRecipe`
   (a registry name or an import path ``"package.module:function"``, its JSON keyword
-  arguments, ``image_shape`` and ``num_levels``), or ``None`` for a model passed to
+  arguments, ``image_shape`` and ``num_levels``; a class-conditional model's recipe holds
+  ``num_classes`` among the arguments, and the checkpoint records it), or ``None`` for a model passed to
   :func:`~flowkit.training.train` as an instance, which :func:`load_checkpoint` then needs
   again as ``model=``;
 * the optimizer and scheduler states, the epoch, the metric history and the run's options.
@@ -91,7 +92,8 @@ class Checkpoint:
     """What ``last.pt``/``best.pt`` hold (see the module docstring).
 
     ``recipe`` is None for a model trained as an instance; ``model_class`` names its class
-    (``package.module.Class``) so a message can say what to pass.
+    (``package.module.Class``) so a message can say what to pass.  ``num_classes`` is the
+    number of classes of a class-conditional model (None: unconditional).
     """
 
     state_dict: dict[str, torch.Tensor]
@@ -109,6 +111,7 @@ class Checkpoint:
     world_size: int = 1
     optimizer: dict[str, Any] | None = None
     scheduler: dict[str, Any] | None = None
+    num_classes: int | None = None
 
     @property
     def model_name(self) -> str:
@@ -269,6 +272,15 @@ def restore_model(model: nn.Module, checkpoint: Checkpoint, path: str | os.PathL
         raise CheckpointError(
             f"checkpoint: {path} was trained on images {tuple(checkpoint.image_shape)} with {checkpoint.num_levels} "
             f"levels; the given model takes {tuple(shape)} with {levels} levels"
+        )
+    classes = getattr(model, "num_classes", checkpoint.num_classes)
+    if classes != checkpoint.num_classes:
+
+        def say(k: int | None) -> str:
+            return "unconditional" if k is None else f"conditional on {k} classes"
+
+        raise CheckpointError(
+            f"checkpoint: {path} holds a model {say(checkpoint.num_classes)}; the given model is {say(classes)}"
         )
     try:
         model.load_state_dict(checkpoint.state_dict)

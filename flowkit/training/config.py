@@ -80,6 +80,11 @@ class TrainConfig:
         threads: ``torch.set_num_threads`` for the run (restored after); None or 0: leave it.
         tensorboard: also log the epoch metrics for TensorBoard under ``out/tensorboard``
             (needs the ``tensorboard`` package).
+        conditional: train a class-conditional model on the data set's labels: the model is
+            built with ``num_classes`` (the data set's) added to its keyword arguments (so a
+            builder named by import path must accept ``num_classes``), or a given instance must
+            be conditional on that many classes; it learns ``log p(x | y)`` and ``samples.png``
+            shows one row per class.
     """
 
     data: str = "digits"
@@ -108,6 +113,7 @@ class TrainConfig:
     progress: bool = True
     threads: int | None = None
     tensorboard: bool = False
+    conditional: bool = False
 
     def validate(self) -> None:
         """Raise ``ValueError``/``TypeError`` naming the first bad option."""
@@ -124,7 +130,7 @@ class TrainConfig:
         check_float("sample_temperature", self.sample_temperature, low=0, low_open=True)
         check_choice("device", self.device, DEVICES)
         check_choice("data", self.data, DATASETS)
-        for name in ("resume", "overwrite", "progress", "tensorboard"):
+        for name in ("resume", "overwrite", "progress", "tensorboard", "conditional"):
             check_bool(name, getattr(self, name))
         if self.resume and self.overwrite:
             raise ValueError("overwrite: a resumed run continues the run in out, it cannot also replace it; choose one")

@@ -12,8 +12,16 @@ from flowkit.validation import check_image_batch, check_int
 __all__ = ["bpd_sum", "evaluate", "independent_pixel_bpd"]
 
 
-def _images(batch) -> torch.Tensor:
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
+def _images_and_labels(model: ImageFlow, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(images, labels)`` of a batch; the labels only for a conditional model, which needs them."""
+    if not model.is_conditional:
+        return (batch[0] if isinstance(batch, (tuple, list)) else batch), None
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        raise ValueError(
+            f"loader: the model is conditional on {model.num_classes} classes, so its batches must be "
+            f"(images, labels); got a {type(batch).__name__}"
+        )
+    return batch[0], batch[1]
 
 
 @torch.no_grad()
@@ -42,11 +50,12 @@ def bpd_sum(
         for i, batch in enumerate(tqdm(loader, desc=desc, leave=False, disable=not progress)):
             if max_batches is not None and i >= max_batches:
                 break
-            x = _images(batch)
+            x, y = _images_and_labels(model, batch)
+            labels = {} if y is None else {"y": y}  # an unconditional model is called as before: bpd(x, ...)
             if importance_samples > 1:
-                bpd = model.bpd_importance(x, num_samples=importance_samples, validate=validate)
+                bpd = model.bpd_importance(x, num_samples=importance_samples, validate=validate, **labels)
             else:
-                bpd = model.bpd(x, validate=validate)
+                bpd = model.bpd(x, validate=validate, **labels)
             batch_sum = bpd.double().sum()
             total = batch_sum if total is None else total + batch_sum
             count += x.shape[0]
@@ -64,6 +73,9 @@ def evaluate(
     desc: str = "eval",
 ) -> float:
     """Mean bits/dim of ``model`` over ``loader`` (batches of integer images, or ``(images, labels)``).
+
+    A class-conditional model is evaluated given each image's label (``log p(x | y)``; its
+    batches must be ``(images, labels)``).
 
     ``importance_samples = M > 1`` uses the importance-weighted bound
     ``-log2((1/M) sum_m p(x + u_m) / q(u_m | x)) / D`` (the tutorial's test metric); ``M = 1``

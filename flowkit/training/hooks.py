@@ -231,21 +231,36 @@ class ProgressBar(Hook):
 
 
 class Pictures(Hook):
-    """``samples.png`` (``num_samples`` samples of the final model at ``sample_temperature``)
+    """``samples.png`` (``num_samples`` samples of the final model at ``sample_temperature``;
+    for a class-conditional model one row per class, ``num_samples // K`` (at least 1) each)
     and ``curves.png`` (train/validation bpd per epoch), rank 0, at the end of the run."""
 
     def on_fit_end(self, run: Run, result: TrainResult) -> None:
         import torch
 
+        from flowkit.analysis import plot_class_samples
         from flowkit.viz import save_curves, save_image_grid
 
         if not run.ctx.is_main:
             return
         config, model = run.config, run.final_model or run.model
-        gen = torch.Generator(device=run.device).manual_seed(config.seed)
-        samples = model.sample(config.num_samples, temperature=config.sample_temperature, generator=gen)
         title = f"{result.model_name} on {config.data}"
-        save_image_grid(samples, run.files.samples, model.num_levels, title=f"{title}, T={config.sample_temperature}")
+        if model.num_classes is not None:
+            per_class = max(1, config.num_samples // model.num_classes)
+            plot_class_samples(
+                model,
+                run.files.samples,
+                per_class,
+                config.sample_temperature,
+                seed=config.seed,
+                shared_noise=False,
+                title=f"{title}, T={config.sample_temperature}, one row per class",
+            )
+        else:
+            gen = torch.Generator(device=run.device).manual_seed(config.seed)
+            samples = model.sample(config.num_samples, temperature=config.sample_temperature, generator=gen)
+            title_t = f"{title}, T={config.sample_temperature}"
+            save_image_grid(samples, run.files.samples, model.num_levels, title=title_t)
         history = run.history
         curves = {"train": [h.train_bpd for h in history], "val": [h.val_bpd for h in history]}
         save_curves(curves, run.files.curves, title=title, x=[h.epoch for h in history])

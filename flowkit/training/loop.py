@@ -84,9 +84,10 @@ class TrainingInterrupted(KeyboardInterrupt):
         super().__init__(f"training interrupted; {saved}")
 
 
-def train_step(run: Run, x: torch.Tensor, meter: StepMeter) -> None:
-    """One optimisation step on the batch ``x``, skipped on the device when not finite."""
-    loss = run.step_loss(x).mean()
+def train_step(run: Run, x: torch.Tensor, meter: StepMeter, y: torch.Tensor | None = None) -> None:
+    """One optimisation step on the batch ``x`` (with its labels ``y`` for a conditional model),
+    skipped on the device when not finite."""
+    loss = (run.step_loss(x) if y is None else run.step_loss(x, y)).mean()
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     max_norm = run.config.grad_clip if run.config.grad_clip > 0 else math.inf
@@ -117,8 +118,9 @@ def train_epoch(run: Run, epoch: int, meter: StepMeter) -> EpochRecord:
         len(loader) if run.config.max_train_batches is None else min(len(loader), run.config.max_train_batches)
     )
     run.call("on_epoch_start", epoch, num_batches)
-    for step, (x, _) in zip(range(num_batches), loader, strict=False):
-        train_step(run, x.to(run.device, non_blocking=True), meter)
+    for step, (x, y) in zip(range(num_batches), loader, strict=False):
+        labels = y.to(run.device, non_blocking=True) if run.conditional else None
+        train_step(run, x.to(run.device, non_blocking=True), meter, labels)
         run.call("on_step_end", step)
         if (step + 1) % SYNC_EVERY == 0:
             run.call("on_sync", epoch, meter.read())

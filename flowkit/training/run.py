@@ -27,6 +27,7 @@ from flowkit.training.folder import RunFiles, RunFolderError, check_run_folder
 from flowkit.training.hooks import Hook, default_hooks
 from flowkit.training.records import EpochRecord
 from flowkit.training.runtime import seed_all
+from flowkit.validation import check_labels
 
 __all__ = ["ConfigError", "Run", "start_run"]
 
@@ -36,16 +37,19 @@ class ConfigError(UserError, ValueError):
 
 
 class TrainingLoss(nn.Module):
-    """``forward(x) = model.bpd(x)``: the training loss as a module's ``forward``, which is what
-    DistributedDataParallel calls (and hooks to average the gradients over the ranks).  The
-    batches come from a data set checked when it was loaded, so the per-batch check is skipped."""
+    """``forward(x, y) = model.bpd(x, y)``: the training loss as a module's ``forward``, which is
+    what DistributedDataParallel calls (and hooks to average the gradients over the ranks).  The
+    batches come from a data set checked when it was loaded, so the per-batch check is skipped.
+    ``y`` (the labels) is given for a conditional model only."""
 
     def __init__(self, model: ImageFlow):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.bpd(x, validate=False)
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        if y is None:
+            return self.model.bpd(x, validate=False)
+        return self.model.bpd(x, y, validate=False)
 
 
 @dataclasses.dataclass
@@ -75,6 +79,11 @@ class Run:
     @property
     def device(self) -> torch.device:
         return self.ctx.device
+
+    @property
+    def conditional(self) -> bool:
+        """Whether the model learns ``p(x | y)`` (its steps and evaluations take the labels)."""
+        return self.model.is_conditional
 
     @property
     def epoch(self) -> int:
@@ -115,6 +124,7 @@ class Run:
             world_size=self.ctx.world_size,
             optimizer=self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict(),
+            num_classes=self.model.num_classes,
         )
 
     def summary(self) -> dict[str, Any]:
@@ -173,6 +183,32 @@ def _check_fits_data(model: ImageFlow, info: DatasetInfo, config: TrainConfig) -
             f"model: {_class_name(model)} takes images {tuple(model.image_shape)} with {model.num_levels} levels, "
             f"but data {config.data!r} has {tuple(info.image_shape)} with {info.num_levels} levels"
         )
+    if config.conditional and model.num_classes != info.num_classes:
+        got = "is unconditional" if model.num_classes is None else f"has {model.num_classes} classes"
+        raise ModelBuildError(
+            f"conditional: the data set {config.data!r} has {info.num_classes} classes but the model "
+            f"{_class_name(model)} {got}; a builder must pass num_classes on to ImageFlow(..., num_classes=...)"
+        )
+    if not config.conditional and model.num_classes is not None:
+        raise ModelBuildError(
+            f"conditional: the model {_class_name(model)} is conditional on {model.num_classes} classes; train it "
+            "with conditional=True (--conditional), which feeds it the data set's labels"
+        )
+
+
+def _builder_kwargs(config: TrainConfig, info: DatasetInfo) -> dict[str, Any]:
+    """The builder's keyword arguments: the model options, plus the data's ``num_classes`` for a
+    conditional run (a ``num_classes`` given in the options must be the data's)."""
+    kwargs = dict(config.model_kwargs)
+    if not config.conditional:
+        return kwargs
+    given = kwargs.setdefault("num_classes", info.num_classes)
+    if given != info.num_classes:
+        raise ConfigError(
+            f"model_kwargs: num_classes is {given!r} but the data set {config.data!r} has {info.num_classes} classes; "
+            "leave num_classes out (conditional runs take it from the data)"
+        )
+    return kwargs
 
 
 def _model_and_recipe(
@@ -182,9 +218,14 @@ def _model_and_recipe(
         recipe = None
     else:
         assert config.model is not None  # set by _resolve_model_option
-        recipe = ModelRecipe(config.model, info.image_shape, info.num_levels, dict(config.model_kwargs))
+        recipe = ModelRecipe(config.model, info.image_shape, info.num_levels, _builder_kwargs(config, info))
         seed_all(config.seed)
-        model = recipe.build()
+        try:
+            model = recipe.build()
+        except ModelBuildError as err:
+            if config.conditional and "num_classes" in str(err):
+                raise ModelBuildError(f"{err} (a conditional run calls the builder with num_classes=K)") from err
+            raise
     _check_fits_data(model, info, config)
     return model, recipe
 
@@ -213,8 +254,17 @@ def _loaders(config: TrainConfig, ctx: DistributedContext, splits: dict[str, Ima
 
 def _initialize(model: ImageFlow, config: TrainConfig, train: ImageDataset, device: torch.device) -> None:
     """ActNorm's data-dependent init on a real (random) training batch, the same on every rank."""
-    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed))
-    model.initialize(train.images[pick[: config.init_batch_size]].long().to(device))
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed))[: config.init_batch_size]
+    labels = train.labels[pick].to(device) if model.is_conditional else None
+    model.initialize(train.images[pick].long().to(device), labels)
+
+
+def _check_labels(model: ImageFlow, splits: dict[str, ImageDataset]) -> None:
+    """A conditional model's labels are checked once, here (the steps pass ``validate=False``)."""
+    if model.num_classes is None:
+        return
+    for name, split in splits.items():
+        check_labels(split.labels, f"labels of the {name} split", model.num_classes, len(split))
 
 
 def _restore(run: Run, checkpoint: Checkpoint) -> None:
@@ -255,6 +305,7 @@ def start_run(config: TrainConfig, model: ImageFlow | None = None, hooks: Sequen
         stored = _check_resume(config, files)
         info, splits = _load_data(config)
         model, recipe = _model_and_recipe(config, model, info)
+        _check_labels(model, splits)
         all_hooks = [*default_hooks(config), *hooks]
         return _assemble(config, ctx, files, model, recipe, splits, all_hooks, stored)
     except BaseException:
