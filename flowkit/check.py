@@ -698,6 +698,13 @@ def _case_nflows_affine() -> LayerCase:
     return LayerCase(AffineCouplingTransform([1, -1, 1, -1], gated_conv_net(8, 1)), _floats(3, 4, 2, 2))
 
 
+@register_case("ClampedAffineCoupling+GatedConvNet")
+def _case_clamped_affine() -> LayerCase:
+    from flowkit.layers import ClampedAffineCoupling, gated_conv_net
+
+    return LayerCase(ClampedAffineCoupling([1, -1, 1, -1], gated_conv_net(8, 1)), _floats(3, 4, 2, 2))
+
+
 @register_case("nflows.GlowStep(ActNorm,1x1,coupling)")
 def _case_glow_step() -> LayerCase:
     from nflows.transforms import ActNorm, AffineCouplingTransform, CompositeTransform, OneByOneConvolution

@@ -284,14 +284,7 @@ def test_padding_centres_the_image():
 # -- memory saving ------------------------------------------------------------------------
 
 
-def test_memory_saving_without_the_module_is_a_clear_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "flowkit.layers.memory_saving", None)
-    with pytest.raises(RuntimeError, match="memory_saving"):
-        _tiny(memory_saving=True)
-
-
 def test_memory_saving_glow_matches_the_plain_one():
-    pytest.importorskip("flowkit.layers.memory_saving")
     from flowkit.layers.memory_saving import MemorySavingComposite
 
     plain = _tiny(coupling="clamped-affine")

@@ -1,7 +1,7 @@
 """flowkit's layers: each an ``nflows.transforms.Transform`` (contract in :mod:`flowkit.layers.base`)."""
 
 from flowkit.layers.conditional import ClassConditionalPrior
-from flowkit.layers.coupling import MaskedAffineCoupling, channel_mask, checkerboard_mask
+from flowkit.layers.coupling import ClampedAffineCoupling, MaskedAffineCoupling, channel_mask, checkerboard_mask
 from flowkit.layers.dequantization import (
     Dequantization,
     ScaledLogit,
@@ -18,6 +18,7 @@ from flowkit.layers.gated_conv import (
 from flowkit.layers.memory_saving import MemorySavingComposite
 
 __all__ = [
+    "ClampedAffineCoupling",
     "ClassConditionalPrior",
     "ConcatELU",
     "Dequantization",

@@ -1,14 +1,18 @@
-"""The tutorial's masked affine coupling (RealNVP, Dinh et al., 2017) as an nflows Transform."""
+"""Affine couplings: the tutorial's masked coupling (RealNVP, Dinh et al., 2017) and nflows'
+channel coupling with the tutorial's soft clamp (:class:`ClampedAffineCoupling`), as nflows Transforms."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
-from nflows.transforms import Transform
+from nflows.transforms import AffineCouplingTransform, Transform
 from torch import nn
 
 from flowkit.layers.base import Context, TransformResult, check_float_tensor, sum_except_batch
 
-__all__ = ["MaskedAffineCoupling", "checkerboard_mask", "channel_mask"]
+__all__ = ["ClampedAffineCoupling", "MaskedAffineCoupling", "checkerboard_mask", "channel_mask"]
 
 
 def checkerboard_mask(h: int, w: int, invert: bool = False) -> torch.Tensor:
@@ -86,3 +90,36 @@ class MaskedAffineCoupling(Transform):
     def inverse(self, inputs: torch.Tensor, context: Context = None) -> TransformResult:
         s, t = self._scale_shift(inputs, context)
         return inputs * torch.exp(-s) - t, -sum_except_batch(s)
+
+
+class ClampedAffineCoupling(AffineCouplingTransform):
+    """nflows' affine coupling with the tutorial's soft clamp on the log-scale.
+
+    ``z_b = x_b * exp(s) + t`` with ``s = f * tanh(s_raw / f)``, ``[t, s_raw] = net(x_a)`` and a
+    learned per-channel ``f = exp(log_clamp)`` (starts at 1); ``logabsdet = sum(s)``.
+    Unlike nflows' ``AffineCouplingTransform`` (scale ``sigmoid(s_raw + 2) + 1e-3``, 0.88 for
+    a zero-initialised net) this is the identity at initialisation and can also expand.
+
+    Args:
+        mask: nflows channel mask (``> 0``: transformed, ``<= 0``: passed through).
+        transform_net_create_fn: ``(in_channels, out_channels) -> net``, e.g.
+            :func:`flowkit.layers.gated_conv_net`.
+    """
+
+    def __init__(self, mask: Any, transform_net_create_fn: Callable[[int, int], nn.Module]) -> None:
+        super().__init__(mask, transform_net_create_fn)
+        self.log_clamp = nn.Parameter(torch.zeros(self.num_transform_features))
+
+    def _log_scale_and_shift(self, transform_params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.num_transform_features
+        shift, raw = transform_params[:, :n], transform_params[:, n:]
+        f = self.log_clamp.exp().view(1, n, *[1] * (transform_params.dim() - 2))
+        return torch.tanh(raw / f) * f, shift
+
+    def _coupling_transform_forward(self, inputs: torch.Tensor, transform_params: torch.Tensor) -> TransformResult:
+        s, t = self._log_scale_and_shift(transform_params)
+        return inputs * torch.exp(s) + t, sum_except_batch(s)
+
+    def _coupling_transform_inverse(self, inputs: torch.Tensor, transform_params: torch.Tensor) -> TransformResult:
+        s, t = self._log_scale_and_shift(transform_params)
+        return (inputs - t) * torch.exp(-s), -sum_except_batch(s)

@@ -254,7 +254,7 @@ def _scale_and_shift_of(module) -> Callable | None:
         and cls._coupling_transform_inverse is AffineCouplingTransform._coupling_transform_inverse
     ):
         return module._scale_and_shift
-    from flowkit.models.glow import ClampedAffineCoupling  # not at import: flowkit.models imports flowkit.layers
+    from flowkit.layers.coupling import ClampedAffineCoupling
 
     if (
         isinstance(module, ClampedAffineCoupling)

@@ -17,7 +17,6 @@ import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
-import torch
 from nflows.transforms import (
     ActNorm,
     AdditiveCouplingTransform,
@@ -28,12 +27,11 @@ from nflows.transforms import (
     SqueezeTransform,
     Transform,
 )
-from torch import nn
 
-from flowkit.layers import Dequantization, gated_conv_net
-from flowkit.layers.base import sum_except_batch
+from flowkit.layers import ClampedAffineCoupling, Dequantization, MemorySavingComposite, gated_conv_net
 from flowkit.models.image_flow import ImageFlow, _padding, label_embedding
 from flowkit.models.tutorial import _variational_dequantization
+from flowkit.validation import check_bool, check_choice, check_image_shape, check_int
 
 __all__ = [
     "COUPLINGS",
@@ -48,39 +46,6 @@ __all__ = [
 
 COUPLINGS = ("affine", "additive", "clamped-affine")
 DEQUANTIZATIONS = ("variational", "uniform")
-
-
-class ClampedAffineCoupling(AffineCouplingTransform):
-    """nflows' affine coupling with the tutorial's soft clamp on the log-scale.
-
-    ``z_b = x_b * exp(s) + t`` with ``s = f * tanh(s_raw / f)``, ``[t, s_raw] = net(x_a)`` and a
-    learned per-channel ``f = exp(log_clamp)`` (starts at 1); ``logabsdet = sum(s)``.
-    Unlike nflows' ``AffineCouplingTransform`` (scale ``sigmoid(s_raw + 2) + 1e-3``, 0.88 for
-    a zero-initialised net) this is the identity at initialisation and can also expand.
-
-    Args:
-        mask: nflows channel mask (``> 0``: transformed, ``<= 0``: passed through).
-        transform_net_create_fn: ``(in_channels, out_channels) -> net``, e.g.
-            :func:`flowkit.layers.gated_conv_net`.
-    """
-
-    def __init__(self, mask, transform_net_create_fn):
-        super().__init__(mask, transform_net_create_fn)
-        self.log_clamp = nn.Parameter(torch.zeros(self.num_transform_features))
-
-    def _log_scale_and_shift(self, transform_params: torch.Tensor):
-        n = self.num_transform_features
-        shift, raw = transform_params[:, :n], transform_params[:, n:]
-        f = self.log_clamp.exp().view(1, n, *[1] * (transform_params.dim() - 2))
-        return torch.tanh(raw / f) * f, shift
-
-    def _coupling_transform_forward(self, inputs, transform_params):
-        s, t = self._log_scale_and_shift(transform_params)
-        return inputs * torch.exp(s) + t, sum_except_batch(s)
-
-    def _coupling_transform_inverse(self, inputs, transform_params):
-        s, t = self._log_scale_and_shift(transform_params)
-        return (inputs - t) * torch.exp(-s), -sum_except_batch(s)
 
 
 _COUPLING_CLASSES = {
@@ -192,20 +157,11 @@ def plan_glow_levels(
                 f"glow: level {level} cannot squeeze {_fmt((c, h, w))} ({odd} is odd); use " + " or ".join(fixes)
             )
         squeezed = (4 * c, h // 2, w // 2)
-        if squeezed[0] % 2:  # cannot happen after a squeeze; kept as the invariant the split needs
-            raise ValueError(
-                f"glow: level {level} cannot split {squeezed[0]} channels in half (shape {_fmt(squeezed)})"
-            )
         out = (squeezed[0] // 2, squeezed[1], squeezed[2]) if level < levels else None
         plans.append(GlowLevelPlan(level, (c, h, w), squeezed, out))
         if out is not None:
             c, h, w = out
     return plans
-
-
-def _check_int(name: str, value, low: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
 
 
 def glow(
@@ -276,33 +232,21 @@ def glow(
         >>> digits.sample(4, temperature=0.7, y=3).shape          # four 3s
         torch.Size([4, 1, 8, 8])
     """
-    shape = tuple(image_shape) if isinstance(image_shape, (tuple, list, torch.Size)) else None
-    if shape is None or len(shape) != 3 or not all(isinstance(s, int) and s >= 1 for s in shape):
-        raise ValueError(f"image_shape: expected (channels, height, width) as positive ints, got {image_shape!r}")
-    _check_int("levels", levels, 1)
-    _check_int("steps_per_level", steps_per_level, 1)
-    _check_int("hidden_channels", hidden_channels, 1)
-    _check_int("num_layers", num_layers, 0)
-    _check_int("num_levels", num_levels, 2)
-    if dequantization not in DEQUANTIZATIONS:
-        raise ValueError(f"dequantization: expected one of {DEQUANTIZATIONS}, got {dequantization!r}")
-    if coupling not in COUPLINGS:
-        raise ValueError(f"coupling: expected one of {COUPLINGS}, got {coupling!r}")
-    if not isinstance(memory_saving, bool):
-        raise TypeError(f"memory_saving: expected a bool, got {type(memory_saving).__name__}")
+    shape = check_image_shape("image_shape", image_shape)
+    check_int("levels", levels, 1)
+    check_int("steps_per_level", steps_per_level, 1)
+    check_int("hidden_channels", hidden_channels, 1)
+    check_int("num_layers", num_layers, 0)
+    check_int("num_levels", num_levels, 2)
+    check_choice("dequantization", dequantization, DEQUANTIZATIONS)
+    check_choice("coupling", coupling, COUPLINGS)
+    check_bool("memory_saving", memory_saving)
     padded_shape, _ = _padding(shape, pad_to)
     plans = plan_glow_levels(padded_shape, levels, original_shape=shape)
     context_encoder, context_channels = label_embedding(num_classes, label_channels)
 
     composite = CompositeTransform
     if memory_saving:
-        try:
-            from flowkit.layers.memory_saving import MemorySavingComposite
-        except ImportError as err:
-            raise RuntimeError(
-                "memory_saving=True needs flowkit.layers.memory_saving.MemorySavingComposite, which "
-                f"could not be imported ({err}); use memory_saving=False"
-            ) from err
         composite = MemorySavingComposite
 
     flow = MultiscaleCompositeTransform(levels)

@@ -14,7 +14,7 @@ from torch import nn
 from flowkit.layers.base import check_image_batch
 from flowkit.layers.conditional import ClassConditionalPrior
 from flowkit.layers.dequantization import Dequantization
-from flowkit.validation import check_int, check_labels
+from flowkit.validation import check_image_shape, check_int, check_labels
 
 __all__ = ["DEFAULT_LABEL_CHANNELS", "ImageFlow", "label_embedding", "standard_normal_log_prob"]
 
@@ -105,9 +105,7 @@ class ImageFlow(nn.Module):
             raise TypeError(f"dequantization: expected a flowkit Dequantization, got {type(dequantization).__name__}")
         if not isinstance(flow, Transform):
             raise TypeError(f"flow: expected an nflows Transform, got {type(flow).__name__}")
-        image_shape = tuple(int(s) for s in image_shape)
-        if len(image_shape) != 3 or min(image_shape) < 1:
-            raise ValueError(f"image_shape: expected (channels, height, width), got {image_shape}")
+        image_shape = check_image_shape("image_shape", image_shape)
         self.dequantization = dequantization
         self.flow = flow
         self.image_shape = image_shape

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from nflows.transforms import CompositeTransform, MultiscaleCompositeTransform, SqueezeTransform
+from nflows.transforms import CompositeTransform, MultiscaleCompositeTransform, SqueezeTransform, Transform
 
 from flowkit.layers import (
     Dequantization,
@@ -15,24 +15,25 @@ from flowkit.layers import (
     checkerboard_mask,
 )
 from flowkit.models.image_flow import ImageFlow, label_embedding
+from flowkit.validation import check_choice, check_image_shape
 
 __all__ = ["tutorial_flow", "TUTORIAL_KINDS"]
 
 TUTORIAL_KINDS = ("simple", "vardeq", "multiscale")
 
 
-def _checkerboard_couplings(n: int, c: int, h: int, w: int, hidden: int, context_channels: int = 0, start: int = 0):
+def _checkerboard_couplings(n: int, c: int, h: int, w: int, hidden: int, context_channels: int = 0) -> list[Transform]:
     return [
         MaskedAffineCoupling(
             checkerboard_mask(h, w, invert=(i % 2 == 1)),
             GatedConvNet(c, 2 * c, hidden, context_channels=context_channels),
             c,
         )
-        for i in range(start, start + n)
+        for i in range(n)
     ]
 
 
-def _channel_couplings(n: int, c: int, hidden: int, context_channels: int = 0):
+def _channel_couplings(n: int, c: int, hidden: int, context_channels: int = 0) -> list[Transform]:
     return [
         MaskedAffineCoupling(
             channel_mask(c, invert=(i % 2 == 1)), GatedConvNet(c, 2 * c, hidden, context_channels=context_channels), c
@@ -70,12 +71,8 @@ def tutorial_flow(
     ``label_channels`` channels (default 8; 0: the prior only) as context of every coupling
     net of the flow (the dequantization stays conditioned on the image only).
     """
-    if kind not in TUTORIAL_KINDS:
-        raise ValueError(f"kind: expected one of {TUTORIAL_KINDS}, got {kind!r}")
-    shape = tuple(int(s) for s in image_shape)
-    if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"image_shape: expected (channels, height, width), got {image_shape!r}")
-    c, h, w = shape
+    check_choice("kind", kind, TUTORIAL_KINDS)
+    c, h, w = shape = check_image_shape("image_shape", image_shape)
     context_encoder, e = label_embedding(num_classes, label_channels)
 
     def model(deq, flow) -> ImageFlow:
