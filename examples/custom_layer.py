@@ -39,7 +39,7 @@ from flowkit.data import load_splits
 from flowkit.io import write_json
 from flowkit.layers import Dequantization, GatedConvNet, MaskedAffineCoupling, checkerboard_mask
 from flowkit.layers.base import sum_except_batch
-from flowkit.training import TrainConfig, evaluate, train
+from flowkit.training import TrainConfig, evaluate_bpd, train
 
 SETTINGS = {
     "quick": dict(model=dict(hidden=16, couplings=2), train=dict(epochs=1, batch_size=32, max_train_batches=20)),
@@ -147,7 +147,7 @@ def main(argv=None) -> dict:
     #    one-sample test bound on 256 test images before and after.
     model = build_model(**cfg["model"])
     test_loader = DataLoader(load_splits("digits")["test"].images[:256], batch_size=128)
-    before = evaluate(model, test_loader, importance_samples=1)
+    before = evaluate_bpd(model, test_loader, importance_samples=1)
     config = TrainConfig(
         data="digits",
         out=args.out,
@@ -158,7 +158,7 @@ def main(argv=None) -> dict:
         **cfg["train"],
     )
     result = train(config, model=model)  # the model ends with the last epoch's weights
-    after = evaluate(model, test_loader, importance_samples=1)
+    after = evaluate_bpd(model, test_loader, importance_samples=1)
     slopes = [math.exp(m.log_slope.item()) for m in model.modules() if isinstance(m, LeakyReLUFlow)]
 
     summary = {

@@ -59,7 +59,7 @@ from flowkit.layers import (
     checkerboard_mask,
     gated_conv_net,
 )
-from flowkit.training import TrainConfig, evaluate, train
+from flowkit.training import TrainConfig, evaluate_bpd, train
 
 SETTINGS = {
     "quick": dict(model=dict(hidden=16, glow_steps=1), train=dict(epochs=1, batch_size=32, max_train_batches=20)),
@@ -168,7 +168,7 @@ def main(argv=None) -> dict:
     # bound on 256 test images before and after.
     test_images = load_splits("digits")["test"].images[:256]
     test_loader = DataLoader(test_images, batch_size=128)
-    before = evaluate(model, test_loader, importance_samples=1)
+    before = evaluate_bpd(model, test_loader, importance_samples=1)
     config = TrainConfig(
         data="digits",
         out=args.out,
@@ -179,7 +179,7 @@ def main(argv=None) -> dict:
         **cfg["train"],
     )
     result = train(config, model=model)  # the model ends with the last epoch's weights
-    after = evaluate(model, test_loader, importance_samples=1)
+    after = evaluate_bpd(model, test_loader, importance_samples=1)
 
     summary = {
         "parameters": model.num_parameters(),

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 from flowkit import analysis
 from flowkit.data import load_splits
 from flowkit.io import atomic_write_text
-from flowkit.training import TrainConfig, evaluate, load_checkpoint, train
+from flowkit.training import TrainConfig, evaluate_bpd, load_checkpoint, train
 
 KINDS = ("simple", "vardeq", "multiscale")
 SETTINGS = {  # the same budget for every model
@@ -135,7 +135,7 @@ def main(argv=None) -> dict:
         device = model.device
         torch.manual_seed(args.seed)
         bpd = {
-            split: evaluate(
+            split: evaluate_bpd(
                 model, loader, importance_samples=cfg["importance_samples"], max_batches=cfg["max_eval_batches"]
             )
             for split, loader in loaders.items()

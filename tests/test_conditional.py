@@ -20,7 +20,7 @@ from nflows.transforms import IdentityTransform
 from flowkit.cli import main
 from flowkit.layers import ClassConditionalPrior
 from flowkit.models import ImageFlow, build_model, glow, tutorial_flow
-from flowkit.training import ConfigError, TrainConfig, evaluate, load_checkpoint, read_checkpoint, train
+from flowkit.training import ConfigError, TrainConfig, evaluate_bpd, load_checkpoint, read_checkpoint, train
 
 SHAPE, LEVELS, K = (1, 8, 8), 17, 10
 TINY = {"levels": 2, "steps_per_level": 1, "hidden_channels": 8, "num_layers": 1, "dequantization": "uniform"}
@@ -269,13 +269,13 @@ def test_a_conditional_run_records_its_classes_and_reloads(run):
     test = load_splits("digits")["test"]
     loader = [test[torch.arange(0, 32)], test[torch.arange(32, 64)]]
     torch.manual_seed(0)
-    measured = evaluate(model, loader, importance_samples=1)
+    measured = evaluate_bpd(model, loader, importance_samples=1)
     torch.manual_seed(0)
     with torch.no_grad():
         expected = torch.cat([model.bpd(x, y) for x, y in loader]).mean().item()
     assert measured == pytest.approx(expected, abs=1e-6)
     with pytest.raises(ValueError, match=r"loader: the model is conditional on 10 classes, so its batches"):
-        evaluate(model, [test.images[:4].long()])
+        evaluate_bpd(model, [test.images[:4].long()])
 
 
 def test_a_conditional_run_resumes_on_the_same_trajectory(tmp_path, run):

@@ -28,7 +28,7 @@ from flowkit.training import (
     TrainConfig,
     TrainingInterrupted,
     TrainResult,
-    evaluate,
+    evaluate_bpd,
     independent_pixel_bpd,
     load_checkpoint,
     read_checkpoint,
@@ -499,13 +499,13 @@ def test_evaluate_matches_the_model_bounds():
     loader = [(x[:16], None), (x[16:], None)]  # a DataLoader would draw from the global RNG
 
     torch.manual_seed(1)
-    one = evaluate(model, loader, importance_samples=1)
+    one = evaluate_bpd(model, loader, importance_samples=1)
     torch.manual_seed(1)
     with torch.no_grad():
         expected = torch.cat([model.bpd(x[:16]), model.bpd(x[16:])]).mean().item()
     assert one == pytest.approx(expected, abs=1e-6)
     torch.manual_seed(1)
-    many = evaluate(model, loader, importance_samples=4)
+    many = evaluate_bpd(model, loader, importance_samples=4)
     torch.manual_seed(1)
     with torch.no_grad():
         expected = (
@@ -516,9 +516,9 @@ def test_evaluate_matches_the_model_bounds():
     assert many == pytest.approx(expected, abs=1e-6)
     assert model.training  # mode restored
     with pytest.raises(ValueError, match="importance_samples"):
-        evaluate(model, loader, importance_samples=0)
+        evaluate_bpd(model, loader, importance_samples=0)
     with pytest.raises(ValueError, match="no batches"):
-        evaluate(model, [], importance_samples=1)
+        evaluate_bpd(model, [], importance_samples=1)
 
 
 def test_independent_pixel_bpd_is_the_smoothed_histogram_entropy():
@@ -592,3 +592,16 @@ def test_train_runs_on_cuda(tmp_path):
     model, _ = load_checkpoint(tmp_path / "best.pt", device="cuda")
     assert all(p.device.type == "cuda" for p in model.parameters())
     assert model.sample(2).device.type == "cuda"
+
+
+def test_evaluate_is_a_deprecated_alias_of_evaluate_bpd():
+    from flowkit.models import glow
+    from flowkit.training import evaluate
+
+    model = glow((1, 8, 8), num_levels=17, **TINY)
+    batch = torch.randint(0, 17, (4, 1, 8, 8))
+    torch.manual_seed(0)
+    expected = evaluate_bpd(model, [batch], importance_samples=1)
+    torch.manual_seed(0)
+    with pytest.warns(DeprecationWarning, match="evaluate_bpd"):
+        assert evaluate(model, [batch], importance_samples=1) == expected

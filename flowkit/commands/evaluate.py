@@ -14,7 +14,7 @@ def _run(args) -> int:
     from torch.utils.data import DataLoader
 
     from flowkit.data import load_splits
-    from flowkit.training import evaluate, load_checkpoint, resolve_device
+    from flowkit.training import evaluate_bpd, load_checkpoint, resolve_device
     from flowkit.training.runtime import cpu_threads, default_threads
     from flowkit.validation import check_int, check_optional_int
 
@@ -30,7 +30,7 @@ def _run(args) -> int:
         kwargs = {} if config.get("val_size") is None else {"val_size": config["val_size"]}
         data = load_splits(config["data"], root=args.data_root or config["data_root"], **kwargs)[args.split]
         loader = DataLoader(data, batch_size=args.batch_size, shuffle=False)
-        bpd = evaluate(
+        bpd = evaluate_bpd(
             model,
             loader,
             importance_samples=args.importance_samples,

@@ -53,7 +53,7 @@ from flowkit.training.checkpoint import (
     save_checkpoint,
 )
 from flowkit.training.config import MAY_CHANGE_ON_RESUME, TrainConfig, resume_config
-from flowkit.training.evaluation import evaluate, independent_pixel_bpd
+from flowkit.training.evaluation import evaluate, evaluate_bpd, independent_pixel_bpd
 from flowkit.training.folder import RunFiles, RunFolderError
 from flowkit.training.hooks import Hook, StepStats
 from flowkit.training.loop import TrainingInterrupted, train
@@ -79,6 +79,7 @@ __all__ = [
     "TrainResult",
     "TrainingInterrupted",
     "evaluate",
+    "evaluate_bpd",
     "independent_pixel_bpd",
     "load_checkpoint",
     "read_checkpoint",

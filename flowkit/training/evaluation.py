@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
 from flowkit.models import ImageFlow
 from flowkit.validation import check_image_batch, check_int
 
-__all__ = ["bpd_sum", "evaluate", "independent_pixel_bpd"]
+__all__ = ["bpd_sum", "evaluate", "evaluate_bpd", "independent_pixel_bpd"]
 
 
 def _images_and_labels(model: ImageFlow, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -34,7 +36,7 @@ def bpd_sum(
     desc: str = "eval",
     validate: bool = True,
 ) -> tuple[torch.Tensor, int]:
-    """``(sum of per-image bpd, number of images)`` over ``loader`` (see :func:`evaluate`).
+    """``(sum of per-image bpd, number of images)`` over ``loader`` (see :func:`evaluate_bpd`).
 
     The sum stays on the model's device (float64) until the caller reads it: one host
     synchronisation per evaluation, not per batch.  ``validate=False`` skips the pixel-value
@@ -64,7 +66,7 @@ def bpd_sum(
     return (torch.zeros((), dtype=torch.float64) if total is None else total), count
 
 
-def evaluate(
+def evaluate_bpd(
     model: ImageFlow,
     loader: Iterable,
     importance_samples: int = 8,
@@ -88,6 +90,17 @@ def evaluate(
     if count == 0:
         raise ValueError("loader: no batches to evaluate")
     return float(total) / count
+
+
+def evaluate(*args: Any, **kwargs: Any) -> float:
+    """Deprecated name of :func:`evaluate_bpd` (kept for one release; ``flowkit.toy2d`` has an
+    ``evaluate`` of its own that returns fit metrics, hence the clearer name)."""
+    warnings.warn(
+        "flowkit.training.evaluate is deprecated; use flowkit.training.evaluate_bpd (same arguments)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return evaluate_bpd(*args, **kwargs)
 
 
 def independent_pixel_bpd(train_images: torch.Tensor, test_images: torch.Tensor, num_levels: int) -> float:
