@@ -18,7 +18,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = ("tutorial_comparison", "glow_from_library_parts", "mixing_layers", "custom_layer", "reverse_kl_two_modes")
+EXAMPLES = (
+    "tutorial_comparison",
+    "glow_from_library_parts",
+    "mixing_layers",
+    "custom_layer",
+    "reverse_kl_two_modes",
+    "two_modes_seed",
+)
 TIMEOUT_S = 600
 
 
@@ -157,5 +164,17 @@ def test_reverse_kl_two_modes(runs):
         assert run["reverse_kl"] > -0.05 and 0.0 < run["ess"] <= 1.0
     assert "KL(q||p)" in text
     for name in m["files"]:
+        h, w, c = png_shape(out / name)
+        assert h >= 200 and w >= 200 and c in (3, 4)
+
+
+def test_two_modes_seed_script_fits_with_one_call(runs):
+    text, out = finish(runs, "two_modes_seed")
+    m = load_json(out / "metrics.json")
+    assert finite(m["reverse_kl"], m["ess"], m["seconds"]) and m["steps"] == 500 and m["seed_kl"] == 0.124
+    assert 0.0 <= m["reverse_kl"] < 1.5 and 0.0 < m["ess"] <= 1.0  # 500 quick steps from a random start
+    printed = float(re.search(r"KL\(q\|\|p\) = ([0-9.]+) nats", text).group(1))
+    assert printed == pytest.approx(m["reverse_kl"], abs=1e-4)
+    for name in ("target.png", "initial.png", "learned.png", "snapshots.png", "loss.png"):
         h, w, c = png_shape(out / name)
         assert h >= 200 and w >= 200 and c in (3, 4)
