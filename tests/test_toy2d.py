@@ -228,8 +228,8 @@ def test_presets_are_typed_records_with_checked_overrides():
     assert PRESETS["seed"].refine is None and fast.with_overrides(refine=False).refine is None
     p = fast.with_overrides(iters=300, lr=5e-3, restarts=4, keep=1, refine=True)
     assert (p.stage.iters, p.stage.lr, p.restarts.count, p.restarts.keep) == (300, 5e-3, 4, 1)
-    assert p.refine == Refine() and fast.stage.iters == 1200  # the preset itself is unchanged (frozen)
-    assert p.select_at == 300 and fast.select_at == 800 and p.total_iters == 300 + Refine().stage.iters
+    assert p.refine == Refine() and fast.stage.iters == 1500  # the preset itself is unchanged (frozen)
+    assert p.select_at == 300 and fast.select_at == 600 and p.total_iters == 300 + Refine().stage.iters
     half = Refine().scaled(400).stage
     assert (half.iters, half.forward_iters, half.teacher_iters) == (400, 400, 150)
     with pytest.raises(TypeError, match="fit: unknown option 'itres'"):
@@ -606,6 +606,7 @@ def test_chi2_polish_covers_mass_where_reverse_kl_seeks_a_mode():
             anneal_iters=0,
             chi2_from=chi2_from,
             gradient="total",
+            restarts=1,
             progress=False,
             seed=0,
         )

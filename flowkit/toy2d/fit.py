@@ -45,12 +45,9 @@ from flowkit.toy2d.runners import Single, Stacked, make_runner, reselect
 from flowkit.toy2d.targets import Target2D, as_target
 from flowkit.validation import check_int
 
-__all__ = ["INSTANCE_RESTARTS", "FitResult", "fit"]
+__all__ = ["FitResult", "fit"]
 
 Runner = Single | Stacked
-# restarts of a given model instance: copies of it, each on its own random stream (a single
-# Planar fit ends anywhere between KL 0.05 and 0.7 on TwoModes, depending on its noise alone)
-INSTANCE_RESTARTS = 4
 Callback = Callable[[int, torch.nn.Module, np.ndarray], None]
 
 
@@ -378,8 +375,8 @@ def _refine(cands: list[_Candidate], refine: Refine, session: _Session, offset: 
 
 
 def _start_models(model: Any, preset: Preset) -> list[torch.nn.Module]:
-    """The models the fit starts from: the given instance (and ``restarts.count - 1`` copies of
-    it, each on its own random stream), or ``restarts.count`` from a builder or the preset."""
+    """The models the fit starts from: the given instance (and ``restarts.count - 1`` perturbed
+    copies of it), or ``restarts.count`` from a builder or the preset."""
     count = preset.restarts.count
     if isinstance(model, torch.nn.Module):
         models = [model] + [_perturbed_copy(model) for _ in range(count - 1)]
@@ -409,8 +406,7 @@ def _perturbed_copy(model: torch.nn.Module, scale: float = 0.5) -> torch.nn.Modu
 
 def _resolve_preset(preset: str | Preset, model: Any, overrides: dict[str, Any]) -> Preset:
     """The preset by name or record, with the overrides. A given model instance keeps its
-    architecture: no refine stage, and :data:`INSTANCE_RESTARTS` copies of it as restarts (the
-    best one goes on after the annealing), unless ``restarts``/``keep``/``refine`` say otherwise."""
+    architecture: no refine stage unless ``refine`` is given (its restarts are copies of it)."""
     if isinstance(preset, str):
         if preset not in PRESETS:
             raise ValueError(f"preset: expected one of {', '.join(sorted(PRESETS))} or a Preset, got {preset!r}")
@@ -419,8 +415,8 @@ def _resolve_preset(preset: str | Preset, model: Any, overrides: dict[str, Any])
         raise TypeError(
             f"preset: expected a name ({', '.join(sorted(PRESETS))}) or a Preset, got {type(preset).__name__}"
         )
-    if isinstance(model, torch.nn.Module):  # the user's model keeps its architecture: copies, no new layers
-        overrides = {"restarts": min(INSTANCE_RESTARTS, preset.restarts.count), "keep": 1, "refine": None, **overrides}
+    if isinstance(model, torch.nn.Module):  # the user's model keeps its architecture: no new layers
+        overrides = {"refine": None, **overrides}
     return preset.with_overrides(**overrides)
 
 
@@ -464,8 +460,9 @@ def fit(
 
     Args:
         model: a normflows ``NormalizingFlow``, fitted in place with its own architecture (no
-            refine stage unless ``refine`` is given): its restarts are :data:`INSTANCE_RESTARTS`
-            copies of it on their own random streams (``restarts=1``: it alone), and it ends in
+            refine stage unless ``refine`` is given): its restarts are perturbed copies of it,
+            each on its own random stream (``restarts=1``: it alone; a single Planar fit ends
+            anywhere between KL 0.05 and 0.7 on TwoModes, by its noise alone), and it ends in
             the best one's state; a zero-argument builder of one (one per restart); or ``None``
             (``build_flow(preset.flow, preset.layers)``).
         target: a registered name, a :class:`~flowkit.toy2d.targets.Target2D`, a normflows

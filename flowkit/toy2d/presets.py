@@ -219,7 +219,7 @@ class Refine:
 
 
 def _first_stage() -> Stage:
-    return Stage(iters=1200, batch_size=512, lr=1e-2, anneal_iters=800)
+    return Stage(iters=1500, batch_size=512, lr=1e-2, anneal_iters=600)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -329,7 +329,7 @@ def _strong_stage() -> Stage:
 PRESETS: dict[str, Preset] = {
     # fit()'s and `flowkit fit2d`'s default: the seed's 16 Planar flows, 8 restarts through the
     # annealing, then the best distilled into a Gaussian mixture + 2 spline couplings (a given
-    # model instance: 4 copies of it through the annealing, no distillation; see fit)
+    # model instance: 8 perturbed copies of it as restarts, no distillation; see fit)
     "fast": Preset(refine=Refine()),
     # for importance sampling: a longer first stage, a longer distillation, then a reverse-KL polish
     "strong": Preset(
