@@ -509,35 +509,39 @@ def test_extend_flow_starts_as_the_identity_and_shares_layers():
 
 
 def test_fit_refine_extend_appends_to_the_fitted_model_and_improves():
-    steps, seen = [], []
+    steps, seen, kl_at = [], [], {}
 
     def record(step, model, loss):
         steps.append(step)
         seen.append((len(loss), len(model.flows)))
+        if step == 150:  # the end of the first stage
+            kl_at[step] = evaluate(model, "two-modes", 20000, forward=False).reverse_kl
 
-    common = dict(
-        iters=150, batch_size=256, lr=1e-2, anneal_iters=60, restarts=2, keep=2, progress=False, seed=0, sync_every=50
-    )
-    first = fit(lambda: build_flow("planar", 4), "two-modes", refine=None, **common)
-    kl_first = evaluate(first.model, "two-modes", 20000, forward=False).reverse_kl
-    refine = Refine(method="extend", hidden=16, candidates=2, stage=Stage(iters=150, batch_size=256, lr=1e-3))
+    refine = Refine(method="extend", hidden=8, candidates=2, stage=Stage(iters=100, batch_size=256, lr=2e-3))
     r = fit(
         lambda: build_flow("planar", 4),
         "two-modes",
+        iters=150,
+        batch_size=256,
+        lr=1e-2,
+        anneal_iters=60,
+        restarts=2,
+        keep=2,
+        select_samples=2048,
         refine=refine,
         snapshot_every=50,
         snapshot_samples=100,
         callback=record,
-        **common,
+        progress=False,
+        seed=0,
+        sync_every=50,
     )
-    assert r.loss.shape == (300,) and np.isfinite(r.loss).all() and r.refine_start == 150
-    assert r.preset.refine == refine and 150 < r.best_step <= 300
-    if r.restart == first.restart:
-        np.testing.assert_allclose(r.loss[:150], first.loss)  # the same first stage (same seed)
-    assert len(r.model.flows) == 5 and [s for s, _ in r.snapshots] == [50, 100, 150, 200, 250, 300]
-    assert steps == [50, 60, 100, 150, 200, 250, 300] and seen == [(s, 4 if s <= 150 else 5) for s in steps]
+    assert r.loss.shape == (250,) and np.isfinite(r.loss).all() and r.refine_start == 150
+    assert r.preset.refine == refine and 150 < r.best_step <= 250
+    assert len(r.model.flows) == 5 and [s for s, _ in r.snapshots] == [50, 100, 150, 200, 250]
+    assert steps == [50, 60, 100, 150, 200, 250] and seen == [(s, 4 if s <= 150 else 5) for s in steps]
     kl = evaluate(r.model, "two-modes", 20000, forward=False).reverse_kl
-    assert kl < kl_first - 0.05, (kl_first, kl)
+    assert kl < kl_at[150] - 0.05, (kl_at, kl)
 
 
 def _lopsided_teacher():

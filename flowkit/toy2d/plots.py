@@ -133,13 +133,15 @@ def plot_loss(
     log_z: float | None = None,
     anneal_end: int | None = None,
     refine_start: int | None = None,
+    refine_label: str = "refine stage",
 ) -> Path:
     """PNG of the loss per step and its moving average.
 
     With ``log_z``, the curve is ``loss + log Z``: at ``beta = 1`` an estimate of ``KL(q||p)`` in
     nats. ``anneal_end`` shades the annealing: while ``beta < 1`` the loss
     ``E_q[log q - beta log p~]`` rises with ``beta`` even as the fit improves (``-beta log p~``
-    grows), so only the curve after the line measures the fit. ``refine_start`` marks the refine stage.
+    grows), so only the curve after the line measures the fit. ``refine_start`` marks the second
+    stage (``refine_label``, e.g. ``"distilled model"``).
     """
     y = np.asarray(loss, dtype=float) + (log_z or 0.0)
     k = max(1, len(y) // 50)
@@ -158,7 +160,7 @@ def plot_loss(
         ax.axvspan(0, anneal_end, color="orange", alpha=0.12, label="annealing: beta < 1, loss rises with beta")
         ax.axvline(anneal_end, color="orange", lw=1.0, label=f"annealing ends (beta = 1) at step {anneal_end}")
     if refine_start is not None:
-        ax.axvline(refine_start + 0.5, color="k", ls="--", lw=0.8, label=f"refine stage from step {refine_start}")
+        ax.axvline(refine_start + 0.5, color="k", ls="--", lw=0.8, label=f"{refine_label} from step {refine_start}")
     ax.set_xlabel("step")
     ax.set_ylabel("loss + log Z (nats)" if log_z is not None else "loss (nats)")
     what = (
@@ -223,10 +225,12 @@ def save_fit_pictures(
     target = as_target(target)
     out_dir = Path(out_dir)
     snapshots = result.snapshots if snapshots is None else snapshots
+    refine = result.preset.refine if result.preset is not None else None
+    label = "distilled model" if refine is not None and refine.method == "distill" else "refine stage"
     paths = [
         plot_target(target, out_dir / "target.png"),
         plot_model(result.model, target, out_dir / "model.png"),
-        plot_loss(result.loss, out_dir / "loss.png", target.log_z, result.anneal_end, result.refine_start),
+        plot_loss(result.loss, out_dir / "loss.png", target.log_z, result.anneal_end, result.refine_start, label),
     ]
     if snapshots:
         paths.append(plot_snapshots(snapshots, target, out_dir / "snapshots.png"))
