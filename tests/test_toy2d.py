@@ -117,7 +117,7 @@ def test_a_density_without_a_box_has_no_log_z():
 
 
 def test_bad_targets_are_refused_with_the_wrapper_named():
-    with pytest.raises(TypeError, match="target: expected a registered name.*callable"):
+    with pytest.raises(TypeError, match="target: expected a registered name.*callable.*LogProbTarget"):
         as_target(3)
     with pytest.raises(
         ValueError, match=r"returned \(3, 1\) for z of shape \[3, 2\]; expected a tensor of shape \[3\]"
@@ -302,6 +302,12 @@ def test_fit_takes_the_normflows_model_with_its_own_target():
     assert result.model is nfm and after < before - 1.0, (before, after)
     with pytest.raises(ValueError, match="target: none given and the model has no p"):
         fit(build_flow("planar", 2), iters=5, progress=False)
+    # the two calls: the normflows target object itself, with the model or without one
+    for model in (_seed_model(2), None):
+        r = fit(
+            model, nf.distributions.TwoModes(2, 0.1), iters=20, batch_size=32, layers=2, refine=False, progress=False
+        )
+        assert np.isfinite(r.loss).all()
 
 
 def test_fit_takes_a_plain_function_as_target():
@@ -761,6 +767,7 @@ def test_cli_fit2d_checks_out_first_and_reports_user_errors(tmp_path, capsys):
     a_file.write_text("x")
     for argv, msg in (
         (["--out", str(a_file)], "--out: .* is a file"),
+        (["--out", "/proc/flowkit-cannot-be-here"], "--out: cannot write to /proc/flowkit-cannot-be-here"),
         (["--iters", "0"], "iters: expected an int >= 1, got 0"),
         (["--lr", "-1"], "lr: expected a finite number > 0"),
         (["--threads", "-2"], "--threads: expected an int >= 0"),

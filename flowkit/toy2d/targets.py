@@ -799,5 +799,6 @@ def as_target(target: Any, *, box: Box | None = None) -> Target2D:
         return LogProbTarget(target, box)
     raise TypeError(
         f"target: expected a registered name ({', '.join(list_targets())}), a Target2D, a normflows target or any "
-        f"object with log_prob(z), or a callable z -> log p~(z); got {type(target).__name__}"
+        f"object with log_prob(z), or a callable z -> log p~(z) (flowkit.toy2d.LogProbTarget wraps the last two); "
+        f"got {type(target).__name__}"
     )
