@@ -78,7 +78,7 @@ def checkpoint(baton: Baton, curve: list, step: int, model, samples: int) -> Non
     from flowkit.toy2d import evaluate
 
     with baton.excluded():
-        m = evaluate(model, num_samples=samples, forward=False)
+        m = evaluate(model, "two-modes", num_samples=samples, forward=False)
         curve.append((step, baton.clock, m.reverse_kl, m.ess))
 
 
@@ -129,7 +129,7 @@ def contender(name: str, conn, args) -> None:
     baton.start()
     model, curve, steps, batch = run_seed_loop(baton, args) if name == "seed" else run_fit(baton, args, name)
     with baton.excluded():
-        final = evaluate(model, num_samples=args.final_samples, forward=False)
+        final = evaluate(model, "two-modes", num_samples=args.final_samples, forward=False)
     baton.finish(
         dict(curve=curve, steps=steps, batch=batch, kl=final.reverse_kl, se=final.reverse_kl_se, ess=final.ess)
     )
@@ -149,7 +149,10 @@ def interleave(names: list[str], args) -> dict[str, dict]:
             if name in results:
                 continue
             pipes[name].send("go")
-            msg = pipes[name].recv()
+            try:
+                msg = pipes[name].recv()
+            except EOFError:
+                raise SystemExit(f"error: the contender {name!r} failed (its traceback is above)") from None
             if isinstance(msg, tuple):
                 results[name] = msg[1]
                 print(f"  {name} done: KL {msg[1]['kl']:.4f}, ESS {msg[1]['ess']:.4f}", flush=True)

@@ -61,13 +61,13 @@ def main() -> None:
         f"ESS worst {ess.min():.4f} median {np.median(ess):.4f} best {ess.max():.4f}; "
         f"time {secs.min():.0f}-{secs.max():.0f}s over {len(rows)} seeds"
     )
-    if args.kl_max is not None or args.ess_min is not None:
-        ok = np.ones(len(rows), dtype=bool)
-        if args.kl_max is not None:
-            ok &= kl <= args.kl_max
-        if args.ess_min is not None:
-            ok &= ess >= args.ess_min
-        print(f"{int(ok.sum())}/{len(rows)} seeds meet KL <= {args.kl_max} and ESS >= {args.ess_min}")
+    ok, terms = np.ones(len(rows), dtype=bool), []
+    if args.kl_max is not None:
+        ok, terms = ok & (kl <= args.kl_max), [*terms, f"KL <= {args.kl_max}"]
+    if args.ess_min is not None:
+        ok, terms = ok & (ess >= args.ess_min), [*terms, f"ESS >= {args.ess_min}"]
+    if terms:
+        print(f"{int(ok.sum())}/{len(rows)} seeds meet {' and '.join(terms)}")
 
 
 if __name__ == "__main__":
