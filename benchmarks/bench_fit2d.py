@@ -22,6 +22,7 @@ Run: ``.venv/bin/python benchmarks/bench_fit2d.py`` (about 10 minutes on one fre
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import time
 
@@ -111,7 +112,7 @@ def run_fit(baton: Baton, args, name: str) -> tuple:
         baton.pause()
 
     if name == "given":
-        model, kwargs = seed_model(args.init), {}
+        model, kwargs = seed_model(args.init), json.loads(args.given)
     else:
         model, kwargs = None, {"target": "two-modes", "preset": name, "seed": args.init}
     result = fit(model, progress=False, callback=on_chunk, **kwargs)
@@ -176,12 +177,20 @@ def main() -> None:
     ap.add_argument("--eval-samples", type=int, default=20000)
     ap.add_argument("--final-samples", type=int, default=100000)
     ap.add_argument("--threads", type=int, default=1, help="torch threads in each contender")
+    ap.add_argument("--given", default="{}", help="JSON of fit overrides for the given model, e.g. '{\"keep\": 8}'")
+    ap.add_argument(
+        "--curves", default=None, help="write every contender's (step, train s, KL, ESS) curve to this JSON"
+    )
     args = ap.parse_args()
     names = args.runs.split(",")
     if names[0] != "seed":
         raise SystemExit("error: --runs: the seed loop comes first (it sets the threshold)")
     print(f"torch {torch.__version__}, {args.threads} thread(s) per contender, interleaved: {', '.join(names)}")
     res = interleave(names, args)
+    if args.curves:
+        from flowkit.io import write_json
+
+        write_json(args.curves, {name: r["curve"] for name, r in res.items()})
     seed = res["seed"]
     threshold, seed_time = seed["kl"], seed["train"]
     print(
