@@ -25,6 +25,7 @@ EXAMPLES = (
     "custom_layer",
     "reverse_kl_two_modes",
     "conditional_digits",
+    "two_modes_seed",
 )
 TIMEOUT_S = 600
 
@@ -205,3 +206,15 @@ def test_conditional_digits_draws_one_row_per_class(runs):
     zoom = 48 // 8  # save_image_grid: 6 px per pixel of an 8x8 digit; 60 px of row labels, 24 of title
     assert png_shape(out / "class_samples.png") == (24 + zoom * (10 * 9 + 1), 60 + zoom * (10 * 9 + 1), 4)
     assert png_shape(out / "threes.png") == (24 + zoom * (2 * 9 + 1), zoom * (8 * 9 + 1), 4)
+
+
+def test_two_modes_seed_script_fits_with_one_call(runs):
+    text, out = finish(runs, "two_modes_seed")
+    m = load_json(out / "metrics.json")
+    assert finite(m["reverse_kl"], m["ess"], m["seconds"]) and m["steps"] == 500 and m["seed_kl"] == 0.124
+    assert 0.0 <= m["reverse_kl"] < 1.5 and 0.0 < m["ess"] <= 1.0  # 500 quick steps from a random start
+    printed = float(re.search(r"KL\(q\|\|p\) = ([0-9.]+) nats", text).group(1))
+    assert printed == pytest.approx(m["reverse_kl"], abs=1e-4)
+    for name in ("target.png", "initial.png", "learned.png", "snapshots.png", "loss.png"):
+        h, w, c = png_shape(out / name)
+        assert h >= 200 and w >= 200 and c in (3, 4)

@@ -5,7 +5,8 @@ Kinds: ``planar`` (the seed's 16x Planar; Rezende & Mohamed, 2015), ``radial``, 
 coupling splines, Durkan et al., 2019) and ``nflows-spline`` (nflows' rational-quadratic
 couplings brought in through :func:`flowkit.bridge.to_normflows`). :func:`extend_flow` appends
 layers that start as the identity to a fitted model (the ``refine`` stage of
-:func:`flowkit.toy2d.fit`).
+:func:`flowkit.toy2d.fit`). :func:`model_sample` and :func:`model_log_prob` run any normflows
+model through :mod:`flowkit.bridge` (the one place that sums normflows log-dets).
 """
 
 from __future__ import annotations
@@ -16,7 +17,20 @@ from collections.abc import Callable
 import normflows as nf
 import torch
 
-__all__ = ["FLOW_KINDS", "build_flow", "extend_flow", "is_invertible"]
+from flowkit.bridge import normflows_forward, normflows_inverse
+
+__all__ = [
+    "FLOW_KINDS",
+    "IDENTITY_KINDS",
+    "INVERTIBLE_KINDS",
+    "gaussian_mixture_base",
+    "build_flow",
+    "extend_flow",
+    "is_invertible",
+    "model_log_prob",
+    "model_sample",
+    "push_forward",
+]
 
 
 def _planar(layers: int, **kw) -> list:
@@ -116,6 +130,7 @@ def build_flow(kind: str = "planar", layers: int = 16, *, trainable_base: bool =
 
 
 IDENTITY_KINDS = ("nflows-spline",)  # kinds that can start as the identity
+INVERTIBLE_KINDS = ("nflows-spline", "spline", "affine")  # kinds with an inverse (log q at any point)
 
 
 def extend_flow(
@@ -144,7 +159,7 @@ def extend_flow(
     ref = next(model.parameters(), None)
     if ref is not None:
         new.to(device=ref.device, dtype=ref.dtype)
-    return nf.NormalizingFlow(q0=model.q0, flows=list(model.flows) + list(new))
+    return nf.NormalizingFlow(q0=model.q0, flows=list(model.flows) + list(new), p=getattr(model, "p", None))
 
 
 def is_invertible(model: nf.NormalizingFlow) -> bool:
@@ -152,3 +167,69 @@ def is_invertible(model: nf.NormalizingFlow) -> bool:
     from flowkit.bridge import has_inverse
 
     return all(has_inverse(f) for f in model.flows)
+
+
+def push_forward(model: nf.NormalizingFlow, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x = f_K(...f_1(z))`` and ``log q(x) = log q0(z) - log|det dx/dz|`` for base draws ``z``."""
+    x, logabsdet = normflows_forward(model.flows, z)
+    return x, model.q0.log_prob(z) - logabsdet
+
+
+def model_sample(model: nf.NormalizingFlow, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x ~ q`` and ``log q(x)``, ``[num_samples, 2]`` and ``[num_samples]`` (normflows' ``sample``)."""
+    return push_forward(model, model.q0(num_samples)[0])
+
+
+def model_log_prob(model: nf.NormalizingFlow, x: torch.Tensor) -> torch.Tensor:
+    """``log q(x) = log q0(z) + log|det dz/dx|``, ``z = f^-1(x)`` (needs an invertible model)."""
+    z, logabsdet = normflows_inverse(model.flows, x)
+    return model.q0.log_prob(z) + logabsdet
+
+
+def _kmeans_pp(x: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor:
+    """``k`` starting centres by weighted k-means++ (Arthur & Vassilvitskii, 2007)."""
+    centres = x[torch.multinomial(w, 1)]
+    for _ in range(k - 1):
+        d2 = torch.cdist(x, centres).min(1).values ** 2
+        centres = torch.cat([centres, x[torch.multinomial(w * d2 + 1e-300, 1)]])
+    return centres
+
+
+@torch.no_grad()
+def gaussian_mixture_base(
+    x: torch.Tensor, weights: torch.Tensor, components: int = 8, iters: int = 25
+) -> nf.distributions.GaussianMixture:
+    """A trainable normflows ``GaussianMixture`` fitted to weighted samples by k-means.
+
+    Weighted k-means (k-means++ start, ``iters`` Lloyd steps) on ``x`` with ``weights``; each
+    component gets its cluster's mean, per-axis standard deviation (at least 5% of the data's)
+    and mass as mixture weight. With importance weights ``p~(x) / r(x)`` of samples ``x ~ r`` it
+    puts the target's mass in each region, whatever ``r``'s.
+
+    Args:
+        x: samples ``[n, d]``.
+        weights: non-negative weights ``[n]`` (need not sum to 1).
+        components: Gaussians (at most ``n``).
+        iters: Lloyd iterations.
+
+    Returns:
+        the mixture, in ``x``'s dtype and on its device.
+    """
+    w = weights.double() / weights.double().sum()
+    xd = x.double()
+    k = min(components, int((w > 0).sum()))
+    centres = _kmeans_pp(xd, w, k)
+    for _ in range(iters):
+        assign = torch.cdist(xd, centres).argmin(1)
+        mass = xd.new_zeros(k).index_add_(0, assign, w)
+        sums = xd.new_zeros(k, xd.shape[1]).index_add_(0, assign, w[:, None] * xd)
+        centres = torch.where(mass[:, None] > 0, sums / mass.clamp_min(1e-300)[:, None], centres)
+    assign = torch.cdist(xd, centres).argmin(1)
+    mass = xd.new_zeros(k).index_add_(0, assign, w)
+    var = xd.new_zeros(k, xd.shape[1]).index_add_(0, assign, w[:, None] * (xd - centres[assign]) ** 2)
+    spread = ((w[:, None] * (xd - (w[:, None] * xd).sum(0)) ** 2).sum(0)).sqrt()
+    scale = torch.maximum((var / mass.clamp_min(1e-300)[:, None]).sqrt(), 0.05 * spread)
+    base = nf.distributions.GaussianMixture(
+        k, xd.shape[1], loc=centres.cpu().numpy(), scale=scale.cpu().numpy(), weights=mass.clamp_min(1e-6).cpu().numpy()
+    )
+    return base.to(device=x.device, dtype=x.dtype)

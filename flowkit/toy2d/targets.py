@@ -1,49 +1,84 @@
-"""Unnormalised 2D target densities ``p~(x)`` with a known log normaliser ``log Z``.
+"""Unnormalised 2D target densities ``p~(x)`` and their log normaliser ``log Z``.
 
 A :class:`Target2D` gives ``log_prob(x) = log p~(x)`` for ``x`` of shape ``[B, 2]`` (on any
-device, in any float dtype), the box ``(x0, x1, y0, y1)`` that holds its mass, ``log_z``
-(closed form where one exists, otherwise a midpoint-rule integral of ``p~`` on a fine grid over
-the box, cached) and ``sample(n)`` (exact where a sampler exists, otherwise rejection sampling
-on the box). With ``log Z`` the reverse KL ``E_q[log q - log p~] + log Z`` is exact up to the
-integration error (tested against the closed forms).
+device, in any float dtype), the box ``(x0, x1, y0, y1)`` that holds its mass, its normaliser
+:attr:`~Target2D.normaliser` (a :class:`LogZ`: closed form where one exists, otherwise a
+midpoint-rule integral of ``p~`` over the box, cached, with its integration error) and
+``sample(n)`` (exact where a sampler exists, otherwise rejection sampling on the box). With
+``log Z`` the reverse KL ``E_q[log q - log p~] + log Z`` is exact up to the integration error.
+
+Any density is a target: :func:`as_target` takes a registered name, a :class:`Target2D`, a
+normflows target (or any object with ``log_prob(z)``) or a plain callable ``z -> log p~(z)``
+and wraps the last two in :class:`LogProbTarget`, which finds a box from the density itself
+(or takes one) and integrates ``log Z`` on first use. When no box holds the mass (a density that
+does not fall off), ``log Z`` is ``None`` and the metrics report the KL relative to it.
 
 The registry wraps normflows' 2D targets (``two-modes``, ``two-moons``, ``circular-gmm``,
 ``ring-mixture``, ``sinusoidal``, ``sinusoidal-gap``, ``sinusoidal-split``, ``smiley``) and
 adds ``eight-gaussians``, ``banana``, ``checkerboard`` and ``gaussian``.
 
 Example:
-    >>> from flowkit.toy2d import get_target
-    >>> t = get_target("two-modes")
-    >>> round(t.log_z, 3)
+    >>> import normflows as nf, torch
+    >>> from flowkit.toy2d import as_target, get_target
+    >>> round(get_target("two-modes").log_z, 3)
     0.804
+    >>> round(as_target(nf.distributions.TwoModes(2, 0.1)).log_z, 3)  # the normflows object itself
+    0.804
+    >>> t = as_target(lambda z: -0.5 * (z**2).sum(1))  # any z -> log p~(z): log Z = log(2 pi)
+    >>> round(t.log_z, 4), t.normaliser.error < 1e-4
+    (1.8379, True)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import weakref
 from collections.abc import Callable
+from typing import Any
 
 import normflows as nf
 import torch
 
 __all__ = [
+    "Box",
+    "LogZ",
     "Target2D",
-    "NormflowsTarget",
+    "LogProbTarget",
     "GaussianTarget",
     "EightGaussians",
     "Banana",
     "Checkerboard",
     "RingMixtureTarget",
+    "as_target",
+    "find_box",
     "get_target",
+    "grid_log_z",
+    "integrate_log_z",
     "list_targets",
     "register_target",
-    "grid_log_z",
 ]
 
 Box = tuple[float, float, float, float]
 
-# (class name, box, grid, parameters) -> (log Z, max log p~ on the grid)
-_GRID_CACHE: dict[tuple, tuple[float, float]] = {}
+# (density fingerprint, box, grid) -> (LogZ, max log p~ on the grid)
+_GRID_CACHE: dict[tuple, tuple[LogZ, float]] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class LogZ:
+    """A target's log normaliser ``log Z = log int p~(x) dx``.
+
+    Attributes:
+        value: ``log Z`` in nats, or ``None`` when it could not be computed (then a reverse KL
+            is only known relative to it: ``E_q[log q - log p~] = KL(q||p) - log Z``).
+        error: estimated absolute error of ``value`` in nats (0 for a closed form).
+        method: how it was obtained, or why it could not be.
+    """
+
+    value: float | None
+    error: float
+    method: str
 
 
 def _grid_points(box: Box, grid: tuple[int, int], dtype, device) -> tuple[torch.Tensor, float]:
@@ -55,6 +90,12 @@ def _grid_points(box: Box, grid: tuple[int, int], dtype, device) -> tuple[torch.
     ys = y0 + hy * (torch.arange(ny, dtype=dtype, device=device) + 0.5)
     xx, yy = torch.meshgrid(xs, ys, indexing="ij")
     return torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1), hx * hy
+
+
+def _grid_log_p(log_prob: Callable, box: Box, grid: tuple[int, int], dtype, device, chunk: int) -> torch.Tensor:
+    """``log p~`` at the midpoints of the grid over ``box``, as ``[grid[0], grid[1]]`` (x major)."""
+    pts, _ = _grid_points(box, grid, dtype, device)
+    return torch.cat([log_prob(pts[i : i + chunk]).to(dtype) for i in range(0, pts.shape[0], chunk)]).reshape(grid)
 
 
 @torch.no_grad()
@@ -71,32 +112,169 @@ def grid_log_z(
 
     Returns ``(log Z, max log p~ over the grid midpoints)``.
     """
-    pts, area = _grid_points(box, grid, dtype, device)
-    lse, mx = [], []
-    for i in range(0, pts.shape[0], chunk):
-        lp = log_prob(pts[i : i + chunk]).to(dtype)
-        lse.append(torch.logsumexp(lp, 0))
-        mx.append(lp.max())
-    return float(torch.logsumexp(torch.stack(lse), 0)) + math.log(area), float(torch.stack(mx).max())
+    lp = _grid_log_p(log_prob, box, grid, dtype, device, chunk)
+    return _log_sum(lp, box), float(lp.max())
+
+
+def _log_sum(lp: torch.Tensor, box: Box) -> float:
+    """``log sum_cells p~ * cell area`` for ``lp = log p~`` at the midpoints of a grid over ``box``."""
+    area = (box[1] - box[0]) * (box[3] - box[2]) / lp.numel()
+    return float(torch.logsumexp(lp.reshape(-1), 0)) + math.log(area)
+
+
+@torch.no_grad()
+def integrate_log_z(
+    log_prob: Callable[[torch.Tensor], torch.Tensor],
+    box: Box,
+    grid: tuple[int, int] = (512, 512),
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float64,
+) -> tuple[LogZ, float]:
+    """``log Z`` over ``box`` by the midpoint rule on ``grid``, with an error estimate.
+
+    The error is ``|log Z(grid) - log Z(grid / 2)|`` (the midpoint rule converges at least
+    linearly in the cell size, so this bounds the error of the finer grid for a density the grid
+    resolves) plus the share of the mass in the outermost ring of cells (mass the box may cut).
+
+    Returns:
+        ``(LogZ, max log p~ on the grid)``; ``LogZ.value`` is None when ``p~`` is not finite or
+        has no mass on the grid.
+    """
+    fine = _grid_log_p(log_prob, box, grid, dtype, device, 1 << 18)
+    if torch.isnan(fine).any() or torch.isposinf(fine).any():
+        return LogZ(None, math.inf, "log p~ is NaN or +inf on the integration grid"), math.nan
+    top = float(fine.max())
+    if top == -math.inf:
+        return LogZ(None, math.inf, f"p~ is 0 everywhere on the box {box}"), top
+    value = _log_sum(fine, box)
+    coarse = _grid_log_p(log_prob, box, (max(1, grid[0] // 2), max(1, grid[1] // 2)), dtype, device, 1 << 18)
+    coarse_value = _log_sum(coarse, box)
+    inner = fine[1:-1, 1:-1].reshape(-1)
+    edge_share = 1.0 - math.exp(float(torch.logsumexp(inner, 0) - torch.logsumexp(fine.reshape(-1), 0)))
+    error = abs(value - coarse_value) + max(edge_share, 0.0)
+    method = f"midpoint rule on a {grid[0]}x{grid[1]} grid over the box {tuple(round(b, 4) for b in box)}"
+    return LogZ(value, error, method), top
+
+
+@torch.no_grad()
+def find_box(
+    log_prob: Callable[[torch.Tensor], torch.Tensor],
+    start: Box = (-4.0, 4.0, -4.0, 4.0),
+    *,
+    drop: float = 30.0,
+    max_half_width: float = 1e3,
+    resolution: int = 200,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float64,
+) -> Box | None:
+    """A box that holds the mass of ``p~``: its edges lie where ``p~`` is below ``exp(-drop)`` of
+    its maximum on the box.
+
+    Starting from ``start``, each side whose edge still has ``p~`` above that level moves out
+    (the box doubles in that direction) until none does; then the box shrinks to the region above
+    the level, plus a margin of a tenth of its size. A density narrower than the grid's spacing
+    can be missed: give such a target its box.
+
+    Returns:
+        the box, or ``None`` when none within ``|x| <= max_half_width`` holds the mass or ``p~``
+        is NaN.
+    """
+    box: Box = (float(start[0]), float(start[1]), float(start[2]), float(start[3]))
+    for _ in range(64):
+        lp = _grid_log_p(log_prob, box, (resolution, resolution), dtype, device, 1 << 18)
+        if torch.isnan(lp).any():
+            return None
+        top = float(lp.max())
+        if math.isinf(top) and top > 0:
+            return None
+        level = top - drop if math.isfinite(top) else math.inf
+        grow = [bool(lp[0].max() >= level), bool(lp[-1].max() >= level)]
+        grow += [bool(lp[:, 0].max() >= level), bool(lp[:, -1].max() >= level)]
+        if not math.isfinite(top):
+            grow = [True] * 4
+        if not any(grow):
+            return _shrink_box(box, lp > level)
+        box = _grow_box(box, grow)
+        if max(abs(b) for b in box) > max_half_width:
+            return None
+    return None
+
+
+def _grow_box(box: Box, grow: list[bool]) -> Box:
+    """``box`` with each side flagged in ``grow`` (x0, x1, y0, y1) moved out by the box's size."""
+    x0, x1, y0, y1 = box
+    wx, wy = x1 - x0, y1 - y0
+    return (x0 - wx * grow[0], x1 + wx * grow[1], y0 - wy * grow[2], y1 + wy * grow[3])
+
+
+def _shrink_box(box: Box, above: torch.Tensor) -> Box:
+    """The part of ``box`` where ``above`` (a grid of cells, x major) holds, plus a margin of a tenth."""
+    x0, x1, y0, y1 = box
+    nx, ny = above.shape
+    cols = torch.nonzero(above.any(1)).reshape(-1)
+    rows = torch.nonzero(above.any(0)).reshape(-1)
+    hx, hy = (x1 - x0) / nx, (y1 - y0) / ny
+    lo_x, hi_x = x0 + hx * int(cols.min()), x0 + hx * (int(cols.max()) + 1)
+    lo_y, hi_y = y0 + hy * int(rows.min()), y0 + hy * (int(rows.max()) + 1)
+    mx, my = 0.1 * (hi_x - lo_x) + hx, 0.1 * (hi_y - lo_y) + hy
+    return (max(x0, lo_x - mx), min(x1, hi_x + mx), max(y0, lo_y - my), min(y1, hi_y + my))
+
+
+class _Unfingerprintable(Exception):
+    pass
+
+
+def _freeze(value: Any) -> Any:
+    """``value`` as a hashable, comparable record (numbers, strings, small tensors, tuples of them)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, torch.Tensor) and value.numel() <= 4096:
+        return ("tensor", str(value.dtype), tuple(value.shape), tuple(value.detach().cpu().reshape(-1).tolist()))
+    if isinstance(value, (tuple, list)):
+        return tuple(_freeze(v) for v in value)
+    raise _Unfingerprintable
+
+
+def _fingerprint(density: Any) -> tuple | None:
+    """Identifies a density object by its class and state, for the ``log Z`` cache; None for
+    plain functions and objects whose state cannot be compared (those are cached per object)."""
+    if not hasattr(density, "log_prob") or not hasattr(density, "__dict__"):
+        return None
+    items = [(k, v) for k, v in vars(density).items() if not k.startswith("_") and k != "training"]
+    if isinstance(density, torch.nn.Module):
+        items += list(density.state_dict().items())
+    try:
+        state = tuple(sorted((k, _freeze(v)) for k, v in items))
+    except _Unfingerprintable:
+        return None
+    return (type(density).__module__, type(density).__qualname__, state)
+
+
+_WATCHED: set[tuple] = set()  # ("object", id) keys whose object has a finalizer that clears its entries
 
 
 class Target2D(torch.nn.Module):
     """Base class: an unnormalised density ``p~`` on R^2 with its ``log Z``.
 
     Subclasses implement :meth:`_log_prob`; they may set ``closed_form_log_z`` (a float) and
-    override :meth:`_sample_exact`. ``box`` must hold all but a negligible part of the mass.
-    Move a target with ``.to(device)``: samples are drawn on that device.
+    override :meth:`_sample_exact`. ``box`` must hold all but a negligible part of the mass
+    (``None``: no box is known, so ``log Z`` cannot be integrated). Move a target with
+    ``.to(device)``: samples are drawn on that device.
     """
 
     name: str = "target"
-    box: Box = (-3.0, 3.0, -3.0, 3.0)
+    box: Box | None = (-3.0, 3.0, -3.0, 3.0)
     grid: tuple[int, int] = (512, 512)
     closed_form_log_z: float | None = None
+    max_log_z_error: float = 0.02  # nats; a less accurate integral is not used (KL reported relative)
+    aim_log_z_error: float = 1e-3  # nats; finer grids (where a target offers them) until the error is below
 
     def __init__(self) -> None:
         super().__init__()
         # decides the device/dtype of samples; follows .to()
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)
+        self._integral: tuple[LogZ, float] | None = None
 
     # -- density -------------------------------------------------------------------------
     def _log_prob(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,36 +290,70 @@ class Target2D(torch.nn.Module):
         return self.log_prob(x)
 
     # -- normaliser ----------------------------------------------------------------------
-    def cache_key(self) -> tuple:
-        """Identifies the density (class and parameters) for the ``log Z`` cache."""
+    def cache_key(self) -> tuple | None:
+        """Identifies the density (class and parameters) for the ``log Z`` cache shared by
+        instances; ``None``: cache on this instance only."""
         return (type(self).__name__, self.name)
 
-    def _grid_stats(self) -> tuple[float, float]:
-        key = (self.cache_key(), tuple(self.box), tuple(self.grid))
-        if key not in _GRID_CACHE:
-            _GRID_CACHE[key] = grid_log_z(self.log_prob, self.box, self.grid, device=self._anchor.device)
-        return _GRID_CACHE[key]
+    def _integration_grids(self) -> tuple[tuple[int, int], ...]:
+        """Grids to try, coarse to fine, until the integration error is below ``max_log_z_error``."""
+        return (self.grid,)
+
+    def _compute_integral(self, box: Box) -> tuple[LogZ, float]:
+        result: tuple[LogZ, float] = (LogZ(None, math.inf, "no grid"), math.nan)
+        for grid in self._integration_grids():
+            result = integrate_log_z(self.log_prob, box, grid, device=self._anchor.device)
+            if result[0].value is None or result[0].error <= self.aim_log_z_error:
+                return result
+        log_z, top = result
+        if log_z.error <= self.max_log_z_error:
+            return result
+        reason = f"{log_z.method}: error {log_z.error:.2g} nats > max_log_z_error {self.max_log_z_error}"
+        return LogZ(None, log_z.error, reason + " (give the target a tighter box)"), top
+
+    def _grid_stats(self) -> tuple[LogZ, float]:
+        """The integral of ``p~`` over the box (cached) and the max of ``log p~`` on its grid."""
+        box = self.box
+        if box is None:
+            return LogZ(None, math.inf, "no box holds the mass of p~ (give one: box=(x0, x1, y0, y1))"), math.nan
+        if self._integral is not None:
+            return self._integral
+        key = self.cache_key()
+        full_key = None if key is None else (key, tuple(box), self._integration_grids())
+        if full_key is not None and full_key in _GRID_CACHE:
+            self._integral = _GRID_CACHE[full_key]
+            return self._integral
+        self._integral = self._compute_integral(box)
+        if full_key is not None:
+            _GRID_CACHE[full_key] = self._integral
+        return self._integral
 
     @property
-    def log_z(self) -> float:
-        """``log Z = log int p~(x) dx``: closed form if known, else the cached grid integral."""
+    def normaliser(self) -> LogZ:
+        """``log Z`` with its error and how it was obtained (closed form, or the cached integral)."""
         if self.closed_form_log_z is not None:
-            return float(self.closed_form_log_z)
+            return LogZ(float(self.closed_form_log_z), 0.0, "closed form")
         return self._grid_stats()[0]
+
+    @property
+    def log_z(self) -> float | None:
+        """``log Z = log int p~(x) dx`` (see :attr:`normaliser`); ``None`` when unknown."""
+        return self.normaliser.value
 
     @property
     def log_z_is_exact(self) -> bool:
         """True when :attr:`log_z` is a closed form (not a grid integral)."""
         return self.closed_form_log_z is not None
 
-    def numeric_log_z(self) -> float:
+    def numeric_log_z(self) -> float | None:
         """The grid integral of ``p~`` over :attr:`box` (even when a closed form exists)."""
-        return self._grid_stats()[0]
+        return self._grid_stats()[0].value
 
     # -- sampling ------------------------------------------------------------------------
     @property
     def can_sample(self) -> bool:
-        return True
+        """Whether :meth:`sample` works: an exact sampler, or a box to rejection-sample on."""
+        return self.box is not None
 
     def _sample_exact(self, n: int) -> torch.Tensor | None:
         return None
@@ -153,16 +365,18 @@ class Target2D(torch.nn.Module):
         Exact samplers where the target has one; otherwise rejection sampling from the uniform
         distribution on :attr:`box` with bound ``1.25 * max p~`` (max over the integration grid).
         """
-        if not isinstance(num_samples, int) or num_samples < 0:
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
             raise ValueError(f"num_samples: expected a non-negative int, got {num_samples!r}")
         exact = self._sample_exact(num_samples)
         if exact is not None:
             return exact
-        log_bound = self._grid_stats()[1] + math.log(1.25)
-        x0, x1, y0, y1 = self.box
+        box, top = self.box, self._grid_stats()[1]
+        if box is None or not math.isfinite(top):
+            raise ValueError(f"target: {self.name} cannot be sampled: {self.normaliser.method}")
+        log_bound = top + math.log(1.25)
         anchor = self._anchor
-        lo = torch.tensor([x0, y0], dtype=anchor.dtype, device=anchor.device)
-        span = torch.tensor([x1 - x0, y1 - y0], dtype=anchor.dtype, device=anchor.device)
+        lo = torch.tensor([box[0], box[2]], dtype=anchor.dtype, device=anchor.device)
+        span = torch.tensor([box[1] - box[0], box[3] - box[2]], dtype=anchor.dtype, device=anchor.device)
         out, have = [], 0
         while have < num_samples:
             m = max(4096, 4 * (num_samples - have))
@@ -177,38 +391,172 @@ class Target2D(torch.nn.Module):
         return f"name={self.name!r}, box={self.box}"
 
 
-class NormflowsTarget(Target2D):
-    """A normflows 2D target (``nf.distributions.TwoModes`` etc.) with a box and a cache key."""
+def _sinusoid_box(t: Any) -> tuple[Box, tuple[int, int]]:
+    # envelope -0.5 (|x|_4 / (20 scale))^4 < -30 beyond 20 scale 60^(1/4)
+    bx = 20 * t.scale * 60**0.25
+    by = min(bx, 4.0 + 8 * t.scale)
+    return (-bx, bx, -by, by), (2048, 256)
+
+
+def _square(b: float, grid: tuple[int, int] = (512, 512)) -> tuple[Box, tuple[int, int]]:
+    return (-b, b, -b, b), grid
+
+
+# normflows' 2D densities whose box (and integration grid) is known from their parameters
+_NORMFLOWS_BOXES: dict[type, Callable[[Any], tuple[Box, tuple[int, int]]]] = {
+    nf.distributions.TwoModes: lambda t: _square(abs(float(t.loc)) + 10 * float(t.scale)),
+    nf.distributions.TwoMoons: lambda t: _square(4.0),
+    nf.distributions.CircularGaussianMixture: lambda t: _square(2.0 + 7 * float(t.scale)),
+    nf.distributions.RingMixture: lambda t: _square(2.0 + 8 * float(t.scale)),
+    nf.distributions.Sinusoidal: _sinusoid_box,
+    nf.distributions.Sinusoidal_gap: _sinusoid_box,
+    nf.distributions.Sinusoidal_split: _sinusoid_box,
+    nf.distributions.Smiley: lambda t: _square(2.0 + 16 * float(t.scale)),
+}
+
+
+def _check_box(box: Any) -> Box:
+    ok = isinstance(box, (tuple, list)) and len(box) == 4
+    ok = ok and all(isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) for b in box)
+    if not ok or not (box[0] < box[1] and box[2] < box[3]):
+        raise ValueError(f"box: expected (x0, x1, y0, y1) with x0 < x1 and y0 < y1, got {box!r}")
+    return tuple(float(b) for b in box)  # type: ignore[return-value]
+
+
+def _density_device(density: Any) -> torch.device:
+    if isinstance(density, torch.nn.Module):
+        for t in list(density.parameters()) + list(density.buffers()):
+            return t.device
+    return torch.device("cpu")
+
+
+class LogProbTarget(Target2D):
+    """Any 2D density as a target: a normflows ``Target``/``PriorDistribution`` (``TwoModes``...),
+    any object with ``log_prob(z)`` (a ``torch.distributions`` distribution, a user's module) or a
+    plain callable ``z -> log p~(z)``, for ``z`` of shape ``[batch, 2]`` returning ``[batch]``.
+
+    ``log Z`` is integrated over ``box`` on first use (cached with its error, see
+    :attr:`~Target2D.normaliser`). Without a box, normflows' own targets get theirs from their
+    parameters, anything else a box found from the density (:func:`find_box`); when none holds
+    the mass, ``log Z`` is ``None`` and the metrics report the KL relative to it.
+
+    Args:
+        density: the density (checked on a small batch at once).
+        box: ``(x0, x1, y0, y1)`` holding the mass (default: known or found).
+        name: shown in tables and titles (default: the class or function name).
+        log_z: the exact ``log Z`` when known (skips the integral).
+        grid: the integration grid (default: 512x512, refined up to 2048x2048 until the error
+            estimate is below ``max_log_z_error``).
+        sampler: use ``density.sample(n)`` as an exact sampler (else rejection sampling on the box).
+
+    Example:
+        >>> import torch
+        >>> from flowkit.toy2d import LogProbTarget
+        >>> t = LogProbTarget(lambda z: -z.abs().sum(1), name="laplace")  # log Z = log 4
+        >>> round(t.log_z, 3), t.normaliser.error < 1e-3
+        (1.386, True)
+    """
 
     def __init__(
         self,
-        name: str,
-        target,
-        box: Box,
-        params: dict,
-        grid: tuple[int, int] = (512, 512),
+        density: Any,
+        box: Box | None = None,
+        *,
+        name: str | None = None,
         log_z: float | None = None,
+        grid: tuple[int, int] | None = None,
         sampler: bool = False,
     ):
         super().__init__()
-        self.name = name
-        self.target = target  # a Module is registered (moves with .to), a PriorDistribution is not
-        self.box = tuple(float(b) for b in box)
-        self.grid = grid
-        self.params = dict(params)
-        self.closed_form_log_z = log_z
+        fn = getattr(density, "log_prob", None)
+        if fn is None and callable(density):
+            fn = density
+        if fn is None or not callable(fn):
+            raise TypeError(
+                f"target: expected an object with log_prob(z) (e.g. a normflows target) or a callable z -> log p~(z), "
+                f"got {type(density).__name__}"
+            )
+        self.density = density  # a Module is registered (moves with .to), anything else is kept as is
+        self._fn = fn
+        self.name = name or getattr(density, "__name__", None) or type(density).__name__
+        known = _NORMFLOWS_BOXES.get(type(density))
+        known_box, known_grid = known(density) if known is not None else (None, None)
+        self._given_box = _check_box(box) if box is not None else known_box
+        self._found_box: Box | None = None
+        self._searched = False
+        self.grid = grid or known_grid or (512, 512)
+        self._fixed_grid = grid is not None or known_grid is not None or box is not None
+        self.closed_form_log_z = None if log_z is None else float(log_z)
         self._use_own_sampler = sampler
+        self._dtype = self._probe()
 
-    def cache_key(self) -> tuple:
-        return (type(self.target).__name__, tuple(sorted(self.params.items())))
+    def _probe(self) -> torch.dtype | None:
+        """Call the density on 3 points; returns the dtype it needs (``None``: any float)."""
+        device = _density_device(self.density)
+        for dtype in (torch.float64, torch.float32):
+            z = torch.tensor([[0.5, -0.25], [1.0, 2.0], [-1.5, 0.75]], dtype=dtype, device=device)
+            try:
+                out = self._fn(z)
+            except Exception as err:  # noqa: BLE001 - reported with the density's name below
+                if dtype == torch.float32:
+                    raise ValueError(f"target: {self.name}.log_prob(z) failed on z of shape [3, 2]: {err}") from err
+                continue
+            if not isinstance(out, torch.Tensor) or tuple(out.shape) != (3,):
+                got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise ValueError(
+                    f"target: {self.name}.log_prob(z) returned {got} for z of shape [3, 2]; "
+                    "expected a tensor of shape [3] (one log-density per point)"
+                )
+            return None if dtype == torch.float64 else torch.float32
+        return None
+
+    def cache_key(self) -> tuple | None:
+        fp = _fingerprint(self.density)
+        return ("density", fp) if fp is not None else _object_key(self.density)
+
+    def _integration_grids(self) -> tuple[tuple[int, int], ...]:
+        if self._fixed_grid:
+            return (self.grid,)
+        return ((512, 512), (1024, 1024), (2048, 2048))
+
+    @property
+    def box(self) -> Box | None:  # type: ignore[override]
+        """The given or known box, else one found from the density (``None``: none holds the mass)."""
+        if self._given_box is not None:
+            return self._given_box
+        if not self._searched:
+            self._found_box = find_box(self._log_prob, device=self._anchor.device)
+            self._searched = True
+        return self._found_box
 
     def _log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        return self.target.log_prob(x)
+        if self._dtype is not None and x.dtype != self._dtype:
+            return self._fn(x.to(self._dtype)).to(x.dtype)
+        return self._fn(x)
 
     def _sample_exact(self, n: int) -> torch.Tensor | None:
         if not self._use_own_sampler:
             return None
-        return self.target.sample(n).to(self._anchor.device)
+        return self.density.sample(n).to(self._anchor.device)
+
+
+def _object_key(obj: Any) -> tuple | None:
+    """A cache key for a density known only by identity (a function): ``("object", id)``, its
+    cache entries dropped when the object dies (so the id is never reused for another density)."""
+    key = ("object", id(obj))
+    if key not in _WATCHED:
+        try:
+            weakref.finalize(obj, _forget, key)
+        except TypeError:  # cannot be watched: cache on the target instance only
+            return None
+        _WATCHED.add(key)
+    return key
+
+
+def _forget(key: tuple) -> None:
+    _WATCHED.discard(key)
+    for k in [k for k in _GRID_CACHE if k[0] == key]:
+        del _GRID_CACHE[k]
 
 
 class GaussianTarget(Target2D):
@@ -334,7 +682,7 @@ class Checkerboard(Target2D):
         return -0.5 * d2 / self.edge**2
 
 
-class RingMixtureTarget(NormflowsTarget):
+class RingMixtureTarget(LogProbTarget):
     """normflows ``RingMixture``: ``p~(x) = sum_i exp(-(|x| - r_i)^2 / (2 s^2))``, ``r_i = 2i/n``.
 
     Closed form: ``Z = sum_i 2 pi (s^2 exp(-r_i^2 / (2 s^2)) + r_i s sqrt(2 pi) Phi(r_i / s))``.
@@ -348,42 +696,17 @@ class RingMixtureTarget(NormflowsTarget):
             r = 2 / n_rings * (i + 1)
             phi = 0.5 * (1 + math.erf(r / s / math.sqrt(2)))
             z += 2 * math.pi * (s**2 * math.exp(-(r**2) / (2 * s**2)) + r * s * math.sqrt(2 * math.pi) * phi)
-        b = 2.0 + 8 * s
-        super().__init__("ring-mixture", target, (-b, b, -b, b), {"n_rings": n_rings}, log_z=math.log(z))
+        super().__init__(target, name="ring-mixture", log_z=math.log(z))
 
 
-def _two_modes(loc: float = 2.0, scale: float = 0.1) -> Target2D:
-    b = abs(loc) + 10 * scale
-    return NormflowsTarget(
-        "two-modes", nf.distributions.TwoModes(loc, scale), (-b, b, -b, b), {"loc": loc, "scale": scale}
-    )
+def _normflows(name: str, cls: type, sampler: bool = False, log_z: float | None = None) -> Callable[..., Target2D]:
+    """A registry factory: ``cls(**kwargs)`` wrapped under ``name``."""
 
+    def make(*args: Any, **kwargs: Any) -> Target2D:
+        return LogProbTarget(cls(*args, **kwargs), name=name, sampler=sampler, log_z=log_z)
 
-def _two_moons() -> Target2D:
-    return NormflowsTarget("two-moons", nf.distributions.TwoMoons(), (-4.0, 4.0, -4.0, 4.0), {})
-
-
-def _circular_gmm(n_modes: int = 8) -> Target2D:
-    t = nf.distributions.CircularGaussianMixture(n_modes=n_modes)
-    b = 2.0 + 7 * float(t.scale)
-    return NormflowsTarget("circular-gmm", t, (-b, b, -b, b), {"n_modes": n_modes}, log_z=0.0, sampler=True)
-
-
-def _sinusoid(cls, name):
-    def make(scale: float = 0.4, period: float = 4.0) -> Target2D:
-        # envelope -0.5 (|x|_4 / (20 scale))^4 < -30 beyond 20 scale 60^(1/4)
-        bx = 20 * scale * 60**0.25
-        by = min(bx, 4.0 + 8 * scale)
-        return NormflowsTarget(
-            name, cls(scale, period), (-bx, bx, -by, by), {"scale": scale, "period": period}, grid=(2048, 256)
-        )
-
+    make.__doc__ = f"normflows ``{cls.__name__}`` as the target {name!r}."
     return make
-
-
-def _smiley(scale: float = 0.1) -> Target2D:
-    b = 2.0 + 16 * scale
-    return NormflowsTarget("smiley", nf.distributions.Smiley(scale), (-b, b, -b, b), {"scale": scale})
 
 
 _REGISTRY: dict[str, Callable[..., Target2D]] = {}
@@ -396,20 +719,37 @@ def register_target(name: str, factory: Callable[..., Target2D]) -> None:
     _REGISTRY[name] = factory
 
 
-for _name, _factory in [
+def _two_modes(loc: float = 2.0, scale: float = 0.1) -> Target2D:
+    return LogProbTarget(nf.distributions.TwoModes(loc, scale), name="two-modes")
+
+
+def _circular_gmm(n_modes: int = 8) -> Target2D:
+    t = nf.distributions.CircularGaussianMixture(n_modes=n_modes)
+    return LogProbTarget(t, name="circular-gmm", sampler=True, log_z=0.0)
+
+
+def _sinusoid(cls: type, name: str) -> Callable[..., Target2D]:
+    def make(scale: float = 0.4, period: float = 4.0) -> Target2D:
+        return LogProbTarget(cls(scale, period), name=name)
+
+    return make
+
+
+_BUILTIN: list[tuple[str, Callable[..., Target2D]]] = [
     ("two-modes", _two_modes),
-    ("two-moons", _two_moons),
+    ("two-moons", _normflows("two-moons", nf.distributions.TwoMoons)),
     ("circular-gmm", _circular_gmm),
     ("ring-mixture", RingMixtureTarget),
     ("sinusoidal", _sinusoid(nf.distributions.Sinusoidal, "sinusoidal")),
     ("sinusoidal-gap", _sinusoid(nf.distributions.Sinusoidal_gap, "sinusoidal-gap")),
     ("sinusoidal-split", _sinusoid(nf.distributions.Sinusoidal_split, "sinusoidal-split")),
-    ("smiley", _smiley),
+    ("smiley", lambda scale=0.1: LogProbTarget(nf.distributions.Smiley(scale), name="smiley")),
     ("eight-gaussians", EightGaussians),
     ("banana", Banana),
     ("checkerboard", Checkerboard),
     ("gaussian", GaussianTarget),
-]:
+]
+for _name, _factory in _BUILTIN:
     register_target(_name, _factory)
 
 
@@ -418,7 +758,13 @@ def list_targets() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_target(name: str | Target2D, **kwargs) -> Target2D:
+_OPEN_DOOR = (
+    "or pass the density itself: a Target2D, a normflows target or any object with log_prob(z), "
+    "or a callable z -> log p~(z) (flowkit.toy2d.LogProbTarget wraps the last two)"
+)
+
+
+def get_target(name: str | Target2D, **kwargs: Any) -> Target2D:
     """Build a registered target, e.g. ``get_target("two-modes", loc=2.0, scale=0.1)``.
 
     A :class:`Target2D` passed as ``name`` is returned unchanged (kwargs must be empty).
@@ -427,6 +773,32 @@ def get_target(name: str | Target2D, **kwargs) -> Target2D:
         if kwargs:
             raise ValueError(f"kwargs: a ready Target2D takes no keyword arguments, got {sorted(kwargs)}")
         return name
-    if name not in _REGISTRY:
-        raise ValueError(f"name: unknown target {name!r}; expected one of {', '.join(list_targets())}")
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ValueError(f"name: unknown target {name!r}; expected one of {', '.join(list_targets())}, {_OPEN_DOOR}")
     return _REGISTRY[name](**kwargs)
+
+
+def as_target(target: Any, *, box: Box | None = None) -> Target2D:
+    """Any target as a :class:`Target2D`: a registered name, a ``Target2D`` (returned as is), a
+    normflows target or any object with ``log_prob(z)``, or a callable ``z -> log p~(z)`` (the
+    last two wrapped in :class:`LogProbTarget`, with ``box`` if given).
+
+    Raises:
+        ValueError: an unknown name, or a density that fails on a small batch.
+        TypeError: anything else.
+    """
+    if isinstance(target, (Target2D, str)):
+        if box is not None:
+            raise ValueError(f"box: {target!r} has its own box; pass box only with a density to wrap")
+        if isinstance(target, str) and target not in _REGISTRY:
+            raise ValueError(
+                f"target: unknown target {target!r}; expected one of {', '.join(list_targets())}, {_OPEN_DOOR}"
+            )
+        return get_target(target)
+    if hasattr(target, "log_prob") or callable(target):
+        return LogProbTarget(target, box)
+    raise TypeError(
+        f"target: expected a registered name ({', '.join(list_targets())}), a Target2D, a normflows target or any "
+        f"object with log_prob(z), or a callable z -> log p~(z) (flowkit.toy2d.LogProbTarget wraps the last two); "
+        f"got {type(target).__name__}"
+    )
