@@ -49,7 +49,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TUTORIAL_REF = REPO_ROOT.parent / "shared" / "reference" / "tutorial_ref.py"
 IMAGE_SHAPE = (1, 28, 28)
 NUM_LEVELS = 256
-GLOW_KWARGS = dict(levels=2, steps_per_level=4, hidden_channels=64, num_layers=1, dequantization="uniform")
+GLOW_SCALES = (
+    2,
+    4,
+)  # (num_scales, steps_per_scale), positional: a --baseline flowkit named them levels, steps_per_level
+GLOW_KWARGS = dict(hidden_channels=64, num_layers=1, dequantization="uniform")
 FLOWKIT_KINDS = ("multiscale", "glow")
 
 
@@ -64,7 +68,7 @@ def load_tutorial_ref(path: Path):
 class NormflowsGlow(torch.nn.Module):
     """normflows' Glow (GlowBlock + Squeeze, MultiscaleFlow) behind flowkit's uniform dequantization."""
 
-    def __init__(self, image_shape, num_levels, levels, steps, hidden):
+    def __init__(self, image_shape, num_levels, num_scales, steps, hidden):
         import normflows as nf
 
         from flowkit.layers import Dequantization
@@ -72,19 +76,19 @@ class NormflowsGlow(torch.nn.Module):
         super().__init__()
         c, h, w = image_shape
         q0, merges, flows = [], [], []
-        for i in range(levels):
+        for i in range(num_scales):
             flows.append(
                 [
-                    nf.flows.GlowBlock(c * 2 ** (levels + 1 - i), hidden, split_mode="channel", scale=True)
+                    nf.flows.GlowBlock(c * 2 ** (num_scales + 1 - i), hidden, split_mode="channel", scale=True)
                     for _ in range(steps)
                 ]
                 + [nf.flows.Squeeze()]
             )
             if i > 0:
                 merges.append(nf.flows.Merge())
-                shape = (c * 2 ** (levels - i), h // 2 ** (levels - i), w // 2 ** (levels - i))
+                shape = (c * 2 ** (num_scales - i), h // 2 ** (num_scales - i), w // 2 ** (num_scales - i))
             else:
-                shape = (c * 2 ** (levels + 1), h // 2**levels, w // 2**levels)
+                shape = (c * 2 ** (num_scales + 1), h // 2**num_scales, w // 2**num_scales)
             q0.append(nf.distributions.DiagGaussian(shape, trainable=False))
         self.flow = nf.MultiscaleFlow(q0, flows, merges, class_cond=False)
         self.deq = Dequantization(num_levels)
@@ -106,7 +110,7 @@ def flowkit_model(kind: str, batch: torch.Tensor):
     from flowkit.models import glow, tutorial_flow
 
     torch.manual_seed(0)
-    model = tutorial_flow("multiscale") if kind == "multiscale" else glow(IMAGE_SHAPE, **GLOW_KWARGS)
+    model = tutorial_flow("multiscale") if kind == "multiscale" else glow(IMAGE_SHAPE, *GLOW_SCALES, **GLOW_KWARGS)
     model.initialize(batch)
     return model.to(batch.device)
 
@@ -253,7 +257,7 @@ def peer_contender(kind: str, args, batches, now) -> Contender | None:
     """The tutorial's own multiscale flow, or normflows' Glow."""
     if kind == "glow":
         torch.manual_seed(0)
-        peer = NormflowsGlow(IMAGE_SHAPE, NUM_LEVELS, levels=2, steps=4, hidden=200).to(args.device)
+        peer = NormflowsGlow(IMAGE_SHAPE, NUM_LEVELS, num_scales=2, steps=4, hidden=200).to(args.device)
         with torch.no_grad():
             peer.bpd(batches[max(batches)])  # normflows' ActNorm initialises on its first batch
         return local_contender(

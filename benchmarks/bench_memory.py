@@ -105,8 +105,8 @@ def run_table(args) -> None:
     for depth in tqdm(args.depths, desc="depths"):
         torch.manual_seed(depth)
         kwargs = dict(
-            levels=args.levels,
-            steps_per_level=depth,
+            num_scales=args.num_scales,
+            steps_per_scale=depth,
             hidden_channels=args.hidden,
             num_layers=args.num_layers,
             dequantization="uniform",
@@ -122,7 +122,7 @@ def run_table(args) -> None:
         tqdm.write(_format_row(rows[-1]))
     print()
     print(
-        f"Glow on 32x32x3, levels={args.levels}, hidden={args.hidden}, num_layers={args.num_layers}, "
+        f"Glow on 32x32x3, num_scales={args.num_scales}, hidden={args.hidden}, num_layers={args.num_layers}, "
         f"coupling={args.coupling}, batch={args.batch}, uniform dequantization, {device}, "
         f"{torch.get_num_threads()} threads; medians of {args.repeats} interleaved steps"
     )
@@ -251,7 +251,7 @@ def run_drift(args) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--depths", type=int, nargs="+", default=[4, 8, 16, 32], help="steps per level")
-    parser.add_argument("--levels", type=int, default=3)
+    parser.add_argument("--num-scales", type=int, default=3)
     parser.add_argument("--hidden", type=int, default=16, help="hidden channels of the coupling nets")
     parser.add_argument("--num-layers", type=int, default=1, help="gated residual blocks per coupling net")
     parser.add_argument("--batch", type=int, default=4)

@@ -40,11 +40,11 @@ from flowkit.viz import save_image_grid
 
 SETTINGS = {  # --quick: seconds on a CPU; full: the size and training of `make demo`
     "quick": dict(
-        model=dict(levels=2, steps_per_level=1, hidden_channels=16, num_layers=1, dequantization="uniform"),
+        model=dict(num_scales=2, steps_per_scale=1, hidden_channels=16, num_layers=1, dequantization="uniform"),
         train=dict(epochs=3, lr=2e-3, batch_size=32, max_train_batches=15, max_eval_batches=2, importance_samples=2),
     ),
     "full": dict(
-        model=dict(levels=2, steps_per_level=4, hidden_channels=32, num_layers=1, dequantization="uniform"),
+        model=dict(num_scales=2, steps_per_scale=4, hidden_channels=32, num_layers=1, dequantization="uniform"),
         train=dict(epochs=40, lr=2e-3, batch_size=64, importance_samples=8),
     ),
 }

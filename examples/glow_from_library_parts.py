@@ -13,7 +13,7 @@ The model trains through flowkit's engine like any other `ImageFlow`:
 `train(TrainConfig(...), model=build_glow(...))`.  Its checkpoints have no recipe (it is an
 instance), so `load_checkpoint(path, model=build_glow(...))` reloads them; to train it from the
 command line instead, name the builder by import path:
-`flowkit train --model glow_from_library_parts:build_glow --model-kwargs '{"levels": 2, "steps_per_level": 4, "hidden": 64}'`
+`flowkit train --model glow_from_library_parts:build_glow --model-kwargs '{"num_scales": 2, "steps_per_scale": 4, "hidden": 64}'`
 (run from this folder).
 
 Run:
@@ -51,11 +51,11 @@ from flowkit.training import TrainConfig, train
 
 SETTINGS = {  # --quick: seconds on a CPU; full: a few minutes
     "quick": dict(
-        model=dict(levels=2, steps_per_level=1, hidden=16),
+        model=dict(num_scales=2, steps_per_scale=1, hidden=16),
         train=dict(epochs=2, batch_size=32, max_train_batches=12, max_eval_batches=1, importance_samples=2),
     ),
     "full": dict(
-        model=dict(levels=2, steps_per_level=4, hidden=64),
+        model=dict(num_scales=2, steps_per_scale=4, hidden=64),
         train=dict(epochs=60, batch_size=64, importance_samples=8),
     ),
 }
@@ -77,7 +77,7 @@ def glow_level(channels: int, steps: int, hidden: int) -> CompositeTransform:
 
 
 def build_glow(
-    image_shape, num_levels: int, levels: int = 2, steps_per_level: int = 4, hidden: int = 64
+    image_shape, num_levels: int, num_scales: int = 2, steps_per_scale: int = 4, hidden: int = 64
 ) -> flowkit.ImageFlow:
     c, h, w = image_shape
     # 1. Dequantization: integers -> logits.  The noise u ~ q(u | x) is itself a small flow:
@@ -96,11 +96,11 @@ def build_glow(
 
     # 2. The multiscale flow.  add_transform(level, output_shape) returns the shape that goes
     #    on to the next level (half the channels) or None after the last level.
-    flow = MultiscaleCompositeTransform(num_transforms=levels)
+    flow = MultiscaleCompositeTransform(num_transforms=num_scales)
     shape = (c, h, w)
-    for _ in range(levels):
+    for _ in range(num_scales):
         squeezed = (4 * shape[0], shape[1] // 2, shape[2] // 2)
-        shape = flow.add_transform(glow_level(squeezed[0], steps_per_level, hidden), squeezed)
+        shape = flow.add_transform(glow_level(squeezed[0], steps_per_scale, hidden), squeezed)
 
     # 3. ImageFlow = dequantization + flow + a standard-normal base; gives log_prob, bpd, sample, ...
     return flowkit.ImageFlow(dequantization, flow, image_shape)

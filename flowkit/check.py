@@ -754,11 +754,11 @@ def _case_memory_saving() -> LayerCase:
     return LayerCase(MemorySavingComposite(steps), _floats(3, 4, 2, 2))
 
 
-@register_case("glow flow (2 levels)")
+@register_case("glow flow (2 scales)")
 def _case_glow_flow() -> LayerCase:
     from flowkit.models import glow
 
-    model = glow((1, 4, 4), levels=2, steps_per_level=2, hidden_channels=8, num_layers=1, dequantization="uniform")
+    model = glow((1, 4, 4), num_scales=2, steps_per_scale=2, hidden_channels=8, num_layers=1, dequantization="uniform")
     return LayerCase(model.flow, _floats(2, 1, 4, 4))
 
 
@@ -810,7 +810,13 @@ def _case_conditional_glow() -> LayerCase:
     from flowkit.models import glow
 
     model = glow(
-        (1, 4, 4), levels=2, steps_per_level=1, hidden_channels=8, num_layers=1, dequantization="uniform", num_classes=4
+        (1, 4, 4),
+        num_scales=2,
+        steps_per_scale=1,
+        hidden_channels=8,
+        num_layers=1,
+        dequantization="uniform",
+        num_classes=4,
     )
     return LayerCase(_LabelledFlow(model), _floats(3, 1, 4, 4), _labels())
 

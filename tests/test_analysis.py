@@ -27,7 +27,7 @@ def _images(n=8, seed=0):
 @pytest.fixture(scope="module")
 def multiscale():
     torch.manual_seed(0)
-    model = glow(SHAPE, levels=2, steps_per_level=1, hidden_channels=8, num_layers=1, num_levels=LEVELS)
+    model = glow(SHAPE, num_scales=2, steps_per_scale=1, hidden_channels=8, num_layers=1, num_levels=LEVELS)
     model.initialize(_images(16))
     return model.eval()
 
@@ -36,7 +36,13 @@ def multiscale():
 def single_level():
     torch.manual_seed(0)  # one level: nothing is split off early; uniform dequantization
     return glow(
-        SHAPE, levels=1, steps_per_level=1, hidden_channels=8, num_layers=1, num_levels=LEVELS, dequantization="uniform"
+        SHAPE,
+        num_scales=1,
+        steps_per_scale=1,
+        hidden_channels=8,
+        num_layers=1,
+        num_levels=LEVELS,
+        dequantization="uniform",
     ).eval()
 
 
@@ -88,7 +94,7 @@ def test_dequantization_noise_uniform_is_uniform_and_decodes_back(single_level):
 def test_dequantization_noise_variational_follows_the_learned_flow(multiscale):
     from flowkit.check import perturb_parameters
 
-    model = glow(SHAPE, levels=1, steps_per_level=1, hidden_channels=4, num_levels=LEVELS)
+    model = glow(SHAPE, num_scales=1, steps_per_scale=1, hidden_channels=4, num_levels=LEVELS)
     perturb_parameters(model.dequantization.flow, scale=0.5)
     x = _images(32)
     torch.manual_seed(0)
@@ -207,8 +213,8 @@ def test_cli_analyze_on_a_trained_checkpoint(tmp_path, capsys):
             progress=False,
             device="cpu",
             model_kwargs={
-                "levels": 2,
-                "steps_per_level": 1,
+                "num_scales": 2,
+                "steps_per_scale": 1,
                 "hidden_channels": 8,
                 "num_layers": 1,
                 "dequantization": "uniform",

@@ -22,7 +22,7 @@ import torch
 from flowkit.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {"levels": 1, "steps_per_level": 1, "hidden_channels": 4, "num_layers": 0, "dequantization": "uniform"}
+TINY = {"num_scales": 1, "steps_per_scale": 1, "hidden_channels": 4, "num_layers": 0, "dequantization": "uniform"}
 FLOWKIT = Path(sys.executable).parent / "flowkit"  # the console script a user runs
 
 
@@ -219,7 +219,7 @@ def test_a_really_read_only_out_is_one_error_line(tmp_path, capsys):
         (["--data", "cifar10", "--data-root", "{tmp}/nodata"], "data set 'cifar10' (CIFAR10) is not in"),
         (["--model", "no_such_module:build"], "cannot import 'no_such_module'"),
         (["--model", "realnvp"], "model: expected one of glow"),
-        (["--model-kwargs", '{"levels": 9}'], "model: glow(image_shape=(1, 8, 8)"),
+        (["--model-kwargs", '{"num_scales": 9}'], "model: glow(image_shape=(1, 8, 8)"),
         (["--lr", "-1"], "lr: expected a finite number > 0"),
         (["--data", "svhn"], "data: expected one of 'digits'"),
         (["--val-size", "5000"], "val_size: 5000 leaves no training images"),

@@ -48,7 +48,7 @@ def hand_built_glow() -> ImageFlow:
 
 MODELS = {
     "multiscale": lambda: tutorial_flow("multiscale", (1, 8, 8), num_levels=17),
-    "glow": lambda: glow((1, 8, 8), levels=2, steps_per_level=1, hidden_channels=8, num_levels=17),
+    "glow": lambda: glow((1, 8, 8), num_scales=2, steps_per_scale=1, hidden_channels=8, num_levels=17),
     "hand-built glow": hand_built_glow,
 }
 
@@ -78,7 +78,7 @@ def test_a_batch_is_read_once_at_the_boundary_and_never_inside(name):
 def _conditional_glow() -> tuple[ImageFlow, torch.Tensor, torch.Tensor]:
     """A class-conditional Glow (prior + label embedding in the couplings), initialised, training mode."""
     torch.manual_seed(0)
-    model = glow((1, 8, 8), levels=2, steps_per_level=1, hidden_channels=8, num_levels=17, num_classes=10)
+    model = glow((1, 8, 8), num_scales=2, steps_per_scale=1, hidden_channels=8, num_levels=17, num_classes=10)
     x, y = torch.randint(0, 17, (4, 1, 8, 8)), torch.tensor([0, 3, 9, 3])
     model.initialize(x, y)
     model.train()
@@ -165,7 +165,7 @@ def test_bpd_traces_into_one_graph(name):
 
 def test_compile_keeps_the_function_and_the_boundary_check():
     torch.manual_seed(0)
-    model = glow((1, 8, 8), levels=1, steps_per_level=1, hidden_channels=4, num_layers=1, num_levels=17)
+    model = glow((1, 8, 8), num_scales=1, steps_per_scale=1, hidden_channels=4, num_layers=1, num_levels=17)
     x = torch.randint(0, 17, (4, 1, 8, 8))
     model.initialize(x)
     torch.manual_seed(5)

@@ -23,7 +23,7 @@ from flowkit.models import ImageFlow, build_model, glow, tutorial_flow
 from flowkit.training import ConfigError, TrainConfig, evaluate_bpd, load_checkpoint, read_checkpoint, train
 
 SHAPE, LEVELS, K = (1, 8, 8), 17, 10
-TINY = {"levels": 2, "steps_per_level": 1, "hidden_channels": 8, "num_layers": 1, "dequantization": "uniform"}
+TINY = {"num_scales": 2, "steps_per_scale": 1, "hidden_channels": 8, "num_layers": 1, "dequantization": "uniform"}
 
 
 def _batch(n=6, seed=0):
@@ -210,7 +210,7 @@ def test_image_flow_checks_its_conditioning_parts():
 
 
 def test_memory_saving_backprop_passes_the_label_context_and_its_gradient():
-    kw = dict(TINY, steps_per_level=2, num_levels=LEVELS, num_classes=K)
+    kw = dict(TINY, steps_per_scale=2, num_levels=LEVELS, num_classes=K)
     torch.manual_seed(0)
     plain = glow(SHAPE, **kw).double()
     saving = glow(SHAPE, memory_saving=True, **kw).double()

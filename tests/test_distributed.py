@@ -21,7 +21,7 @@ from flowkit.layers.dequantization import Dequantization
 from flowkit.models import build_model
 from flowkit.training import ConfigError, TrainConfig, train
 
-TINY = {"levels": 1, "steps_per_level": 1, "hidden_channels": 4, "num_layers": 0, "dequantization": "uniform"}
+TINY = {"num_scales": 1, "steps_per_scale": 1, "hidden_channels": 4, "num_layers": 0, "dequantization": "uniform"}
 GLOBAL_BATCH = 16
 
 

@@ -37,7 +37,12 @@ def test_concat_elu_equals_the_two_elus_values_and_gradient(dtype, channels_last
     x.requires_grad_(True)
     out = ConcatELU()(x)
     expected = plain_concat_elu(x)
-    assert torch.equal(out, expected)
+    # torch's vectorised elu and the fast path's expm1 may differ in the last bit (seen on some
+    # CPUs in float32); the special values (0, +-inf, +-1e-30) must come out exactly
+    tol = 1e-6 if dtype == torch.float32 else 1e-14
+    torch.testing.assert_close(out, expected, rtol=tol, atol=0)
+    special = (slice(0, 1), slice(0, 2), slice(0, 1))
+    assert torch.equal(out[special][..., :3], expected[special][..., :3])
     finite = torch.randn_like(x).detach().requires_grad_(True)
     grad_out = torch.randn(3, 10, 4, 4, dtype=dtype)
     (g_fast,) = torch.autograd.grad(ConcatELU()(finite), finite, grad_out)

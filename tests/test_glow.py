@@ -17,7 +17,7 @@ from flowkit.models.glow import COUPLINGS, ClampedAffineCoupling, glow_coupling,
 DTYPES = [torch.float32, torch.float64]
 
 
-TINY = dict(levels=2, steps_per_level=2, hidden_channels=8, num_layers=1)
+TINY = dict(num_scales=2, steps_per_scale=2, hidden_channels=8, num_layers=1)
 
 
 def _tiny(shape=(1, 4, 4), num_levels=16, **kw):
@@ -34,29 +34,29 @@ def _images(n, shape=(1, 4, 4), num_levels=16, seed=0):
 
 def test_three_level_glow_on_28x28_fails_at_construction_naming_the_level():
     with pytest.raises(ValueError) as info:
-        glow((1, 28, 28), levels=3)
+        glow((1, 28, 28), num_scales=3)
     msg = str(info.value)
     assert "level 3" in msg and "4x7x7" in msg and "7 is odd" in msg
-    assert "levels<=2" in msg and "pad_to=(32, 32)" in msg
+    assert "num_scales<=2" in msg and "pad_to=(32, 32)" in msg
 
 
 @pytest.mark.parametrize(
     "shape, levels, pad_to, expected",
     [
         ((1, 7, 7), 1, None, "level 1 cannot squeeze 1x7x7 (7 is odd); use pad_to=(8, 8)"),
-        ((1, 8, 8), 4, None, "level 4 cannot squeeze 8x1x1 (1 is odd); use levels<=3 or pad_to=(16, 16)"),
-        ((3, 8, 6), 2, None, "level 2 cannot squeeze 6x4x3 (3 is odd); use levels<=1 or pad_to=(8, 8)"),
-        ((1, 28, 28), 3, (30, 30), "level 2 cannot squeeze 2x15x15 (15 is odd); use levels<=1 or pad_to=(32, 32)"),
+        ((1, 8, 8), 4, None, "level 4 cannot squeeze 8x1x1 (1 is odd); use num_scales<=3 or pad_to=(16, 16)"),
+        ((3, 8, 6), 2, None, "level 2 cannot squeeze 6x4x3 (3 is odd); use num_scales<=1 or pad_to=(8, 8)"),
+        ((1, 28, 28), 3, (30, 30), "level 2 cannot squeeze 2x15x15 (15 is odd); use num_scales<=1 or pad_to=(32, 32)"),
     ],
 )
 def test_impossible_configurations_name_level_shape_and_fix(shape, levels, pad_to, expected):
     with pytest.raises(ValueError) as info:
-        glow(shape, levels=levels, steps_per_level=1, hidden_channels=4, pad_to=pad_to)
+        glow(shape, num_scales=levels, steps_per_scale=1, hidden_channels=4, pad_to=pad_to)
     assert str(info.value) == "glow: " + expected
 
 
 def test_the_suggested_padding_works():
-    model = glow((1, 28, 28), levels=3, steps_per_level=1, hidden_channels=4, num_layers=0, pad_to=(32, 32))
+    model = glow((1, 28, 28), num_scales=3, steps_per_scale=1, hidden_channels=4, num_layers=0, pad_to=(32, 32))
     assert model.level_shapes == [(2, 16, 16), (4, 8, 8), (16, 4, 4)]
     assert model.image_shape == (1, 28, 28) and model.padded_shape == (1, 32, 32)
 
@@ -72,8 +72,8 @@ def test_plan_glow_levels():
 @pytest.mark.parametrize(
     "kwargs, argname",
     [
-        (dict(levels=0), "levels"),
-        (dict(steps_per_level=0), "steps_per_level"),
+        (dict(num_scales=0), "num_scales"),
+        (dict(steps_per_scale=0), "steps_per_scale"),
         (dict(hidden_channels=0), "hidden_channels"),
         (dict(num_layers=-1), "num_layers"),
         (dict(num_levels=1), "num_levels"),
@@ -92,7 +92,7 @@ def test_bad_arguments_name_the_argument(kwargs, argname):
 
 
 def test_structure_uses_nflows_parts():
-    model = _tiny(shape=(1, 8, 8), levels=3)
+    model = _tiny(shape=(1, 8, 8), num_scales=3)
     assert isinstance(model, ImageFlow) and isinstance(model.flow, MultiscaleCompositeTransform)
     assert model.level_shapes == [(2, 4, 4), (4, 2, 2), (16, 1, 1)]
     for level in model.flow._transforms:
@@ -151,7 +151,7 @@ def test_whole_glow_flow_passes_check_transform(coupling, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_glow_dequantization_passes_check_transform(dtype):
-    model = _tiny(shape=(1, 2, 4), levels=1, pad_to=(4, 4))  # vardeq is built at the padded size
+    model = _tiny(shape=(1, 2, 4), num_scales=1, pad_to=(4, 4))  # vardeq is built at the padded size
     assert model.dequantization.flow is not None
     _check(model.dequantization, _images(3, (1, 4, 4)), dtype)
 
@@ -277,7 +277,7 @@ def test_padding_models_the_border_and_divides_bpd_by_original_dims(dtype):
 
 
 def test_padding_centres_the_image():
-    model = glow((1, 5, 6), levels=1, steps_per_level=1, hidden_channels=4, num_layers=0, pad_to=(8, 8))
+    model = glow((1, 5, 6), num_scales=1, steps_per_scale=1, hidden_channels=4, num_layers=0, pad_to=(8, 8))
     assert model.padding == (1, 1, 1, 2)  # left, right, top, bottom
 
 
@@ -315,14 +315,14 @@ def test_build_model():
     for name in ("simple", "vardeq", "multiscale"):
         model = build_model(name, (1, 4, 4), 17)
         assert isinstance(model, ImageFlow) and model.num_levels == 17
-    with pytest.raises(ValueError, match="levels"):
-        build_model("multiscale", (1, 4, 4), 17, levels=2)
+    with pytest.raises(ValueError, match="num_scales"):
+        build_model("multiscale", (1, 4, 4), 17, num_scales=2)
     with pytest.raises(ValueError, match="name"):
         build_model("realnvp", (1, 4, 4), 17)
 
 
 def test_registry_has_a_glow_case():
-    assert "glow flow (2 levels)" in flowkit.check.LAYER_CASES
+    assert "glow flow (2 scales)" in flowkit.check.LAYER_CASES
 
 
 def test_docstring_examples_run():
@@ -332,3 +332,13 @@ def test_docstring_examples_run():
     for module in (sys.modules["flowkit.models.glow"], flowkit.models):
         result = doctest.testmod(module)
         assert result.failed == 0 and result.attempted > 0
+
+
+def test_old_argument_names_still_build_the_same_glow_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning, match="(levels|steps_per_level)= is deprecated; use (num_scales|steps_per_scale)="):
+        old = glow((1, 8, 8), levels=2, steps_per_level=1, hidden_channels=4, num_levels=17)
+    new = glow((1, 8, 8), num_scales=2, steps_per_scale=1, hidden_channels=4, num_levels=17)
+    assert old.level_shapes == new.level_shapes
+    assert [p.shape for p in old.parameters()] == [p.shape for p in new.parameters()]
+    with pytest.raises(TypeError, match="give num_scales= only"):
+        glow((1, 8, 8), levels=2, num_scales=2)

@@ -39,7 +39,7 @@ from flowkit.training import (
 )
 from flowkit.training.loop import StepMeter, train_step
 
-TINY = {"levels": 1, "steps_per_level": 1, "hidden_channels": 4, "num_layers": 0, "dequantization": "uniform"}
+TINY = {"num_scales": 1, "steps_per_scale": 1, "hidden_channels": 4, "num_layers": 0, "dequantization": "uniform"}
 
 
 def tiny_config(out, **overrides) -> TrainConfig:
@@ -66,7 +66,7 @@ def tiny_config(out, **overrides) -> TrainConfig:
 
 def user_model(seed: int = 0):
     torch.manual_seed(seed)
-    return hand_glow((1, 8, 8), 17, levels=2, steps=1, hidden=4)
+    return hand_glow((1, 8, 8), 17, num_scales=2, steps=1, hidden=4)
 
 
 def snapshot(folder) -> dict:
@@ -151,11 +151,11 @@ def test_a_hand_built_instance_trains_and_loads_back_with_model(tmp_path):
     for key, value in model.state_dict().items():  # the instance ends with the last epoch's weights
         assert torch.equal(loaded.state_dict()[key], value), key
     with pytest.raises(CheckpointError, match="does not fit the given ImageFlow"):
-        load_checkpoint(tmp_path / "last.pt", model=hand_glow((1, 8, 8), 17, levels=2, steps=2, hidden=4))
+        load_checkpoint(tmp_path / "last.pt", model=hand_glow((1, 8, 8), 17, num_scales=2, steps=2, hidden=4))
 
 
 def test_an_import_path_model_is_rebuilt_from_its_recipe(tmp_path):
-    kwargs = {"levels": 2, "steps": 1, "hidden": 4}
+    kwargs = {"num_scales": 2, "steps": 1, "hidden": 4}
     train(tiny_config(tmp_path, model="user_flows:hand_glow", model_kwargs=kwargs))
     model, checkpoint = load_checkpoint(tmp_path / "best.pt")
     assert checkpoint.recipe.name == "user_flows:hand_glow" and checkpoint.recipe.kwargs == kwargs
@@ -579,7 +579,7 @@ def test_threads_apply_during_the_run_and_are_restored(tmp_path):
 
 def test_uniform_dequantization_in_float64_trains(tmp_path):
     """A user's model in float64 (what catches dtype slips): fused Adam and the masks follow it."""
-    model = hand_glow((1, 8, 8), 17, levels=1, steps=1, hidden=4).double()
+    model = hand_glow((1, 8, 8), 17, num_scales=1, steps=1, hidden=4).double()
     assert isinstance(model.dequantization, Dequantization)
     result = train(tiny_config(tmp_path, model=None, importance_samples=1), model=model)
     assert math.isfinite(result.test_bpd) and next(model.parameters()).dtype == torch.float64

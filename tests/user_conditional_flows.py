@@ -51,12 +51,12 @@ class LabelConvNet(nn.Module):
         return self.out(torch.relu(h))
 
 
-def labelled_glow(image_shape, num_levels, num_classes, levels=2, hidden=8):
-    """``levels`` x [squeeze, ActNorm, 1x1 conv, label-conditioned affine coupling, split]."""
+def labelled_glow(image_shape, num_levels, num_classes, num_scales=2, hidden=8):
+    """``num_scales`` x [squeeze, ActNorm, 1x1 conv, label-conditioned affine coupling, split]."""
     c, h, w = image_shape
-    flow = MultiscaleCompositeTransform(num_transforms=levels)
+    flow = MultiscaleCompositeTransform(num_transforms=num_scales)
     shape = (c, h, w)
-    for _ in range(levels):
+    for _ in range(num_scales):
         channels = 4 * shape[0]
         mask = [1 if j >= channels // 2 else -1 for j in range(channels)]
         coupling = AffineCouplingTransform(mask, lambda i, o: LabelConvNet(i, o, num_classes, hidden))

@@ -20,12 +20,12 @@ from flowkit import ImageFlow
 from flowkit.layers import Dequantization, gated_conv_net
 
 
-def hand_glow(image_shape, num_levels, levels=2, steps=1, hidden=8):
-    """``levels`` x [squeeze, ``steps`` x (ActNorm, 1x1 conv, affine coupling), split]."""
+def hand_glow(image_shape, num_levels, num_scales=2, steps=1, hidden=8):
+    """``num_scales`` x [squeeze, ``steps`` x (ActNorm, 1x1 conv, affine coupling), split]."""
     c, h, w = image_shape
-    flow = MultiscaleCompositeTransform(num_transforms=levels)
+    flow = MultiscaleCompositeTransform(num_transforms=num_scales)
     shape = (c, h, w)
-    for _ in range(levels):
+    for _ in range(num_scales):
         channels = 4 * shape[0]
         layers = [SqueezeTransform()]
         for i in range(steps):

@@ -16,8 +16,8 @@ __all__ = ["register", "DEMO_MODEL_KWARGS", "DEMO_EPOCHS", "DEMO_LR"]
 
 # tuned by measurement on the 2-core CPU this project is developed on (see the README)
 DEMO_MODEL_KWARGS = {
-    "levels": 2,
-    "steps_per_level": 4,
+    "num_scales": 2,
+    "steps_per_scale": 4,
     "hidden_channels": 32,
     "num_layers": 1,
     "dequantization": "uniform",
@@ -63,7 +63,7 @@ def _run(args) -> int:
     )
     kw = config.model_kwargs
     print(
-        f"flowkit demo: Glow ({kw['levels']} levels x {kw['steps_per_level']} steps, GatedConvNet "
+        f"flowkit demo: Glow ({kw['num_scales']} levels x {kw['steps_per_scale']} steps, GatedConvNet "
         f"{kw['hidden_channels']} hidden, {kw['dequantization']} dequantization) on sklearn's 8x8 digits "
         f"(17 levels), {config.epochs} epochs on {config.device}\n",
         flush=True,
@@ -79,7 +79,7 @@ def _run(args) -> int:
     rows = [
         ("independent-pixel baseline", "histogram/pixel", f"{64 * (info.num_levels - 1):,}", "-", f"{baseline:.3f}"),
         (
-            f"glow (L={kw['levels']}, K={kw['steps_per_level']})",
+            f"glow (L={kw['num_scales']}, K={kw['steps_per_scale']})",
             f"{result.epochs} epochs",
             f"{result.num_parameters:,}",
             f"{result.train_time_s:.0f}s train / {wall:.0f}s all",

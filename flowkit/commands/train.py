@@ -38,10 +38,10 @@ def _json_dict(text: str) -> dict:
         value = json.loads(text)
     except json.JSONDecodeError as err:
         raise argparse.ArgumentTypeError(
-            f"expected a JSON object such as '{{\"levels\": 2}}', got {text!r} ({err})"
+            f"expected a JSON object such as '{{\"num_scales\": 2}}', got {text!r} ({err})"
         ) from None
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"levels\": 2}}', got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"num_scales\": 2}}', got {text!r}")
     return value
 
 
@@ -120,7 +120,9 @@ def register(sub) -> None:
     p = sub.add_parser("train", help="train an image flow (checkpoints, metrics, samples and curves in --out)")
     _add(p, "data", "digits | mnist | fashion-mnist | cifar10", d.data)
     _add(p, "model", "glow | simple | vardeq | multiscale, or an import path package.module:function", "glow")
-    _add(p, "model_kwargs", "builder options as JSON, e.g. '{\"levels\": 2}'", "{}", type=_json_dict, metavar="JSON")
+    _add(
+        p, "model_kwargs", "builder options as JSON, e.g. '{\"num_scales\": 2}'", "{}", type=_json_dict, metavar="JSON"
+    )
     p.add_argument(
         "--memory-saving",
         action="store_true",

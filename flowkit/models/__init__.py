@@ -56,7 +56,7 @@ def _tutorial_builder(kind: str) -> Callable[..., ImageFlow]:
         if unknown:
             raise ValueError(
                 f"kwargs: the tutorial model {kind!r} takes only {', '.join(_TUTORIAL_OPTIONS)}, got {unknown}; "
-                "only 'glow' accepts levels, steps_per_level, hidden_channels, ..."
+                "only 'glow' accepts num_scales, steps_per_scale, hidden_channels, ..."
             )
         return tutorial_flow(kind, image_shape, num_levels, **kwargs)
 
@@ -116,7 +116,7 @@ def resolve_builder(name: str) -> Callable[..., ImageFlow]:
 def build_model(name: str, image_shape: Sequence[int], num_levels: int, **kwargs) -> ImageFlow:
     """Build a model by registry name or import path: ``builder(image_shape, num_levels, **kwargs)``.
 
-    Registry names: ``"glow"`` (:func:`glow`, which takes ``levels``, ``steps_per_level``,
+    Registry names: ``"glow"`` (:func:`glow`, which takes ``num_scales``, ``steps_per_scale``,
     ``hidden_channels``, ...) and the tutorial's ``"simple"``, ``"vardeq"``, ``"multiscale"``
     (:func:`tutorial_flow`, no options).  Any other builder is named by import path
     ``"package.module:function"`` and called as ``function(image_shape, num_levels, **kwargs)``.
@@ -126,7 +126,7 @@ def build_model(name: str, image_shape: Sequence[int], num_levels: int, **kwargs
             (a wrong option), or returns something other than an :class:`ImageFlow`.
 
     Example:
-        >>> build_model("glow", (1, 8, 8), 17, levels=1, steps_per_level=1, hidden_channels=4).image_shape
+        >>> build_model("glow", (1, 8, 8), 17, num_scales=1, steps_per_scale=1, hidden_channels=4).image_shape
         (1, 8, 8)
     """
     builder = resolve_builder(name)

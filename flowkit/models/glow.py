@@ -6,8 +6,8 @@
 (half of the channels leave for the prior after every level but the last).
 
 Shapes are planned and validated before any layer is built: a squeeze needs even height
-and width at every level, so ``glow((1, 28, 28), levels=3)`` fails at construction with a
-message naming level 3, its ``4x7x7`` input, and the fixes (``levels<=2`` or
+and width at every level, so ``glow((1, 28, 28), num_scales=3)`` fails at construction with a
+message naming level 3, its ``4x7x7`` input, and the fixes (``num_scales<=2`` or
 ``pad_to=(32, 32)``).
 """
 
@@ -28,6 +28,7 @@ from nflows.transforms import (
     Transform,
 )
 
+from flowkit._deprecation import renamed_arguments
 from flowkit.layers import ClampedAffineCoupling, Dequantization, MemorySavingComposite, gated_conv_net
 from flowkit.models.image_flow import ImageFlow, _padding, label_embedding
 from flowkit.models.tutorial import _variational_dequantization
@@ -131,7 +132,7 @@ def _two_adic(n: int) -> int:
 
 
 def plan_glow_levels(
-    image_shape: Sequence[int], levels: int, original_shape: Sequence[int] | None = None
+    image_shape: Sequence[int], num_scales: int, original_shape: Sequence[int] | None = None
 ) -> list[GlowLevelPlan]:
     """Shapes of every Glow level for (already padded) ``image_shape``, or a ``ValueError``.
 
@@ -147,27 +148,28 @@ def plan_glow_levels(
     _, oh, ow = (int(s) for s in (original_shape or image_shape))
     max_levels = min(_two_adic(h), _two_adic(w))
     plans = []
-    for level in range(1, levels + 1):
+    for level in range(1, num_scales + 1):
         if h % 2 or w % 2:
             odd = " and ".join(sorted({str(s) for s in (h, w) if s % 2}))
-            step = 2**levels
+            step = 2**num_scales
             pad = (math.ceil(oh / step) * step, math.ceil(ow / step) * step)
-            fixes = ([f"levels<={max_levels}"] if max_levels >= 1 else []) + [f"pad_to={pad}"]
+            fixes = ([f"num_scales<={max_levels}"] if max_levels >= 1 else []) + [f"pad_to={pad}"]
             raise ValueError(
                 f"glow: level {level} cannot squeeze {_fmt((c, h, w))} ({odd} is odd); use " + " or ".join(fixes)
             )
         squeezed = (4 * c, h // 2, w // 2)
-        out = (squeezed[0] // 2, squeezed[1], squeezed[2]) if level < levels else None
+        out = (squeezed[0] // 2, squeezed[1], squeezed[2]) if level < num_scales else None
         plans.append(GlowLevelPlan(level, (c, h, w), squeezed, out))
         if out is not None:
             c, h, w = out
     return plans
 
 
+@renamed_arguments(levels="num_scales", steps_per_level="steps_per_scale")
 def glow(
     image_shape: Sequence[int],
-    levels: int = 3,
-    steps_per_level: int = 8,
+    num_scales: int = 3,
+    steps_per_scale: int = 8,
     hidden_channels: int = 64,
     num_layers: int = 2,
     dequantization: str = "variational",
@@ -181,16 +183,19 @@ def glow(
 ) -> ImageFlow:
     """A Glow for integer images, as an :class:`ImageFlow`.
 
-    Per level: ``SqueezeTransform -> steps_per_level x [ActNorm, OneByOneConvolution (LU),
+    Per level (scale): ``SqueezeTransform -> steps_per_scale x [ActNorm, OneByOneConvolution (LU),
     coupling with a GatedConvNet] -> split`` (nflows parts, assembled with nflows'
     ``MultiscaleCompositeTransform``, so latents come out flattened; ``model.level_shapes``
     lists each level's latent shape).  ``log p(x) = log N(z) + log|det dz/dx|``.
 
     Args:
         image_shape: ``(C, H, W)`` of the data.
-        levels: number of squeeze/steps/split levels ``L``; H and W (after padding) must be
+        num_scales: number of squeeze/steps/split levels (scales) ``L``; H and W (after padding) must be
             divisible by ``2**L``.
-        steps_per_level: ``K``, steps of flow per level.
+        steps_per_scale: ``K``, steps of flow per level.
+        levels, steps_per_level: deprecated names of ``num_scales`` and ``steps_per_scale``
+            (they read like ``num_levels``, the quantisation levels); they still work, with a
+            ``DeprecationWarning``.
         hidden_channels: width of each coupling's GatedConvNet.
         num_layers: gated residual blocks per GatedConvNet.
         dequantization: ``"variational"`` (the tutorial's: 4 conditional checkerboard
@@ -223,18 +228,18 @@ def glow(
 
     Example:
         >>> import torch
-        >>> model = glow((1, 8, 8), levels=2, steps_per_level=1, hidden_channels=8, num_levels=17)
+        >>> model = glow((1, 8, 8), num_scales=2, steps_per_scale=1, hidden_channels=8, num_levels=17)
         >>> model.level_shapes
         [(2, 4, 4), (8, 2, 2)]
         >>> model.sample(2).shape
         torch.Size([2, 1, 8, 8])
-        >>> digits = glow((1, 8, 8), levels=2, steps_per_level=1, hidden_channels=8, num_levels=17, num_classes=10)
+        >>> digits = glow((1, 8, 8), num_scales=2, steps_per_scale=1, hidden_channels=8, num_levels=17, num_classes=10)
         >>> digits.sample(4, temperature=0.7, y=3).shape          # four 3s
         torch.Size([4, 1, 8, 8])
     """
     shape = check_image_shape("image_shape", image_shape)
-    check_int("levels", levels, 1)
-    check_int("steps_per_level", steps_per_level, 1)
+    check_int("num_scales", num_scales, 1)
+    check_int("steps_per_scale", steps_per_scale, 1)
     check_int("hidden_channels", hidden_channels, 1)
     check_int("num_layers", num_layers, 0)
     check_int("num_levels", num_levels, 2)
@@ -242,20 +247,20 @@ def glow(
     check_choice("coupling", coupling, COUPLINGS)
     check_bool("memory_saving", memory_saving)
     padded_shape, _ = _padding(shape, pad_to)
-    plans = plan_glow_levels(padded_shape, levels, original_shape=shape)
+    plans = plan_glow_levels(padded_shape, num_scales, original_shape=shape)
     context_encoder, context_channels = label_embedding(num_classes, label_channels)
 
     composite = CompositeTransform
     if memory_saving:
         composite = MemorySavingComposite
 
-    flow = MultiscaleCompositeTransform(levels)
+    flow = MultiscaleCompositeTransform(num_scales)
     for plan in plans:
         channels = plan.squeezed_shape[0]
         steps = composite(
             [
                 glow_step(channels, i, hidden_channels, num_layers, coupling, context_channels)
-                for i in range(steps_per_level)
+                for i in range(steps_per_scale)
             ]
         )
         flow.add_transform(CompositeTransform([SqueezeTransform(), steps]), plan.squeezed_shape)
