@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
+import normflows as nf
 import numpy as np
 import torch
 
@@ -563,7 +564,7 @@ def _fit_stages(models: list[torch.nn.Module], plan: Preset, session: _Session) 
     )
 
 
-def _into_given(given: torch.nn.Module, fitted: torch.nn.Module) -> torch.nn.Module:
+def _into_given(given: nf.NormalizingFlow, fitted: nf.NormalizingFlow) -> nf.NormalizingFlow:
     """The fit of a given model, in that model: ``given`` takes the state of ``fitted`` (the chosen
     restart, a copy of it) for its own layers; with refine, the result is ``given`` followed by the
     new layers."""
