@@ -780,6 +780,25 @@ def test_cli_fit2d_checks_out_first_and_reports_user_errors(tmp_path, capsys):
     assert a_file.read_text() == "x"
 
 
+def test_check_writable_folder_probes_through_the_atomic_writer(tmp_path, monkeypatch):
+    import flowkit.io
+    from flowkit.io import check_writable_folder
+
+    folder = tmp_path / "runs" / "a"
+    assert check_writable_folder(folder) == folder and folder.is_dir() and list(folder.iterdir()) == []
+    (folder / "f").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        check_writable_folder(folder / "f")
+
+    def failing_fsync(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(flowkit.io.os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="No space left"):
+        check_writable_folder(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["f"]  # no probe left behind
+
+
 def test_cli_fit2d_progress_lines_do_not_flood_a_log(capsys):
     from flowkit.cli import main
 

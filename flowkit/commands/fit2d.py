@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -30,16 +29,14 @@ _OVERRIDES = ("flow", "layers", "iters", "batch_size", "lr", "anneal_iters", "we
 
 def _writable_out(out: str) -> Path:
     """``out`` as a folder that exists and can be written to; ``ValueError`` before any work if not."""
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"--out: {out} is a file; expected a folder (created if missing)")
+    from flowkit.io import check_writable_folder
+
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".fit2d-probe-"):
-            pass
+        return check_writable_folder(out)
+    except NotADirectoryError as err:
+        raise ValueError(f"--out: {out} is a file; expected a folder (created if missing)") from err
     except OSError as err:
         raise ValueError(f"--out: cannot write to {out}: {err.strerror or err}") from err
-    return path
 
 
 def _overrides(args) -> dict:
