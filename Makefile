@@ -20,10 +20,11 @@ demo: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q --doctest-modules flowkit tests
 
-# what `make test` checks before the tests: lint (ruff) and formatting (ruff format)
+# what `make test` checks before the tests: lint (ruff), formatting (ruff format) and types (mypy)
 lint: $(STAMP)
 	$(BIN)/ruff check flowkit tests examples benchmarks
 	$(BIN)/ruff format --check flowkit tests examples benchmarks
+	$(BIN)/mypy
 
 # rewrite the sources the way `make lint` wants them
 format: $(STAMP)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-__all__ = ["atomic_open", "atomic_write_bytes", "atomic_write_text", "write_json"]
+__all__ = ["atomic_open", "atomic_write_bytes", "atomic_write_text", "check_writable_folder", "write_json"]
 
 
 @contextlib.contextmanager
@@ -61,3 +61,29 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as indented JSON to ``path`` atomically; returns the path."""
     return atomic_write_text(path, json.dumps(obj, indent=2))
+
+
+def check_writable_folder(path: str | os.PathLike) -> Path:
+    """``path`` as a folder that exists (created if missing) and takes a file, before any work.
+
+    Probes by writing and removing an empty file through :func:`atomic_open`.
+
+    Raises:
+        NotADirectoryError: ``path`` is a file.
+        OSError: the folder cannot be created or written to.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> folder = pathlib.Path(tempfile.mkdtemp()) / "runs" / "a"
+        >>> check_writable_folder(folder) == folder, list(folder.iterdir())
+        (True, [])
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{path} is a file; expected a folder")
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f".write-probe-{os.getpid()}"
+    with atomic_open(probe):
+        pass
+    probe.unlink()
+    return path

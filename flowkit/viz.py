@@ -10,6 +10,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -43,15 +44,16 @@ def image_grid(images: torch.Tensor, num_levels: int, nrow: int | None = None, p
     return np.clip(grid, 0.0, 1.0)
 
 
-def new_figure(width_in: float, height_in: float):
+def new_figure(width_in: float, height_in: float, layout: Literal["constrained", "compressed", "tight"] | None = None):
     """A ``matplotlib.figure.Figure`` of the given size in inches, outside pyplot.
 
     flowkit never switches matplotlib's global backend or touches pyplot's figure list: a
-    notebook user's inline plots keep working, and nothing needs closing.
+    notebook user's inline plots keep working, and nothing needs closing. ``layout`` is
+    matplotlib's layout engine (e.g. ``"constrained"``; ``None``: none).
     """
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(width_in, height_in))
+    return Figure(figsize=(width_in, height_in), layout=layout)
 
 
 def atomic_savefig(fig, path: str | os.PathLike, close: bool = True, **kwargs) -> Path:

@@ -225,7 +225,7 @@ def test_build_flow_kinds_log_prob_consistent():
 def test_presets_are_typed_records_with_checked_overrides():
     fast = PRESETS["fast"]
     assert isinstance(fast, Preset) and fast.refine.method == "distill" and isinstance(PRESETS["strong"].refine, Refine)
-    assert PRESETS["seed"].refine is None and fast.with_overrides(refine=False).refine is None
+    assert PRESETS["seed-loop"].refine is None and fast.with_overrides(refine=False).refine is None
     p = fast.with_overrides(iters=300, lr=5e-3, restarts=4, keep=1, refine=True)
     assert (p.stage.iters, p.stage.lr, p.restarts.count, p.restarts.keep) == (300, 5e-3, 4, 1)
     assert p.refine == Refine() and fast.stage.iters == 1500  # the preset itself is unchanged (frozen)
@@ -357,7 +357,7 @@ def test_fit_reports_non_finite_loss_and_bad_args():
         fit(build_flow("planar", 2), "two-modes", iters=5, gradient="score")
     with pytest.raises(TypeError, match="model"):
         fit("planar", "two-modes", iters=5)
-    with pytest.raises(ValueError, match="preset: expected one of fast, seed, strong"):
+    with pytest.raises(ValueError, match="preset: expected one of fast, seed-loop, strong"):
         fit(None, "two-modes", "fastest")
     with pytest.raises(ValueError, match="progress"):
         fit(None, "two-modes", iters=5, progress="bars")
@@ -751,7 +751,7 @@ def test_cli_fit2d(tmp_path, capsys):
     record = json.loads((tmp_path / "metrics.json").read_text())
     assert record["config"]["preset"]["stage"]["iters"] == 20 and math.isfinite(record["reverse_kl"])
     rc = main(
-        ["fit2d", "--preset", "seed", "--layers", "2", "--iters", "20", "--eval-samples", "2000", "--no-progress"]
+        ["fit2d", "--preset", "seed-loop", "--layers", "2", "--iters", "20", "--eval-samples", "2000", "--no-progress"]
     )
     out = capsys.readouterr().out
     assert rc == 0 and "restarts" not in out and "20 steps of 40 samples" in out
@@ -778,6 +778,53 @@ def test_cli_fit2d_checks_out_first_and_reports_user_errors(tmp_path, capsys):
         assert rc == 2 and err.startswith("error: ") and "Traceback" not in err, (argv, err)
         assert __import__("re").search(msg, err), (msg, err)
     assert a_file.read_text() == "x"
+
+
+def test_preset_seed_is_a_deprecated_alias_of_seed_loop(capsys):
+    import warnings
+
+    from flowkit.cli import main
+
+    small = {"layers": 2, "iters": 20, "progress": False, "seed": 3}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the new name does not warn
+        new = fit(None, "two-modes", "seed-loop", **small)
+    with pytest.warns(DeprecationWarning, match="preset 'seed' is deprecated.*use 'seed-loop'") as caught:
+        old = fit(None, "two-modes", "seed", **small)
+    assert caught[0].filename == __file__  # attributed to the caller of fit
+    assert old.preset == new.preset and np.allclose(old.loss, new.loss)
+    with pytest.warns(DeprecationWarning, match="preset 'seed' is deprecated") as caught:
+        assert PRESETS["seed"] is PRESETS["seed-loop"] and "seed" not in sorted(PRESETS)
+    assert caught[0].filename == __file__
+    with pytest.raises(KeyError):
+        PRESETS["seeds"]
+    argv = ["fit2d", "--layers", "2", "--iters", "20", "--eval-samples", "2000", "--no-progress"]
+    rc = main([*argv, "--preset", "seed"])
+    captured = capsys.readouterr()
+    assert rc == 0 and "20 steps of 40 samples" in captured.out
+    assert captured.err.splitlines() == [
+        "note: --preset seed is deprecated (next release: removed); use --preset seed-loop"
+    ]
+    assert main([*argv, "--preset", "seed-loop"]) == 0 and capsys.readouterr().err == ""
+
+
+def test_check_writable_folder_probes_through_the_atomic_writer(tmp_path, monkeypatch):
+    import flowkit.io
+    from flowkit.io import check_writable_folder
+
+    folder = tmp_path / "runs" / "a"
+    assert check_writable_folder(folder) == folder and folder.is_dir() and list(folder.iterdir()) == []
+    (folder / "f").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        check_writable_folder(folder / "f")
+
+    def failing_fsync(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(flowkit.io.os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="No space left"):
+        check_writable_folder(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["f"]  # no probe left behind
 
 
 def test_cli_fit2d_progress_lines_do_not_flood_a_log(capsys):

@@ -4,7 +4,8 @@ Example: ``flowkit fit2d --target two-modes --out runs/fit2d`` (preset ``fast``:
 Planar flows, 8 random restarts trained together through the annealing, the 2 with the lowest
 KL go on). ``--preset strong`` (for importance sampling) then appends spline couplings that
 start as the identity and refines all layers, ending with a chi^2 (ESS) polish; ``--preset
-seed`` is the seed's loop; any option below overrides the preset (``flowkit.toy2d.PRESETS``).
+seed-loop`` is the seed's loop (``seed``, its old name, still works for one release); any
+option below overrides the preset (``flowkit.toy2d.PRESETS``).
 
 ``--out`` is checked before the fit starts; ``snapshots.png`` there is rewritten as the fit goes
 (``--snapshot-every``), the other pictures and ``metrics.json`` are written at the end. The
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -30,16 +30,26 @@ _OVERRIDES = ("flow", "layers", "iters", "batch_size", "lr", "anneal_iters", "we
 
 def _writable_out(out: str) -> Path:
     """``out`` as a folder that exists and can be written to; ``ValueError`` before any work if not."""
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"--out: {out} is a file; expected a folder (created if missing)")
+    from flowkit.io import check_writable_folder
+
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".fit2d-probe-"):
-            pass
+        return check_writable_folder(out)
+    except NotADirectoryError as err:
+        raise ValueError(f"--out: {out} is a file; expected a folder (created if missing)") from err
     except OSError as err:
         raise ValueError(f"--out: cannot write to {out}: {err.strerror or err}") from err
-    return path
+
+
+def _rename_deprecated_preset(args) -> None:
+    """An old ``--preset`` name becomes its new one, with a one-line note on stderr."""
+    from flowkit.toy2d.presets import DEPRECATED_PRESETS
+
+    if args.preset in DEPRECATED_PRESETS:
+        new = DEPRECATED_PRESETS[args.preset]
+        print(
+            f"note: --preset {args.preset} is deprecated (next release: removed); use --preset {new}", file=sys.stderr
+        )
+        args.preset = new
 
 
 def _overrides(args) -> dict:
@@ -97,6 +107,7 @@ def _run(args) -> int:
     from flowkit.toy2d import evaluate, fit, format_metrics, get_target
     from flowkit.toy2d.plots import SnapshotWriter
 
+    _rename_deprecated_preset(args)
     try:
         for flag, value, low in (("--threads", args.threads, 0), ("--snapshot-every", args.snapshot_every, 0)):
             if value < low:
@@ -142,11 +153,16 @@ def _run(args) -> int:
 
 def register(sub) -> None:
     from flowkit.toy2d import FLOW_KINDS, PRESETS, list_targets
+    from flowkit.toy2d.presets import DEPRECATED_PRESETS
 
     p = sub.add_parser("fit2d", help="fit a 2D target density by reverse KL and report exact metrics")
     p.add_argument("--target", default="two-modes", choices=list_targets())
     p.add_argument(
-        "--preset", default="fast", choices=sorted(PRESETS), help="defaults for the options below (default: fast)"
+        "--preset",
+        default="fast",
+        choices=sorted(PRESETS) + sorted(DEPRECATED_PRESETS),
+        metavar="{" + ",".join(sorted(PRESETS)) + "}",
+        help="defaults for the options below (default: fast; seed-loop: the seed's own 20k-step loop)",
     )
     p.add_argument("--flow", default=None, choices=list(FLOW_KINDS))
     p.add_argument("--layers", type=int, default=None)

@@ -34,13 +34,14 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
+import normflows as nf
 import numpy as np
 import torch
 
 from flowkit.errors import NonFiniteLossError
 from flowkit.toy2d.flows import build_flow, extend_flow, gaussian_mixture_base, model_sample
 from flowkit.toy2d.objectives import chi2, forward_kl, log_p, reverse_kl, scores
-from flowkit.toy2d.presets import PRESETS, Preset, Refine, Stage
+from flowkit.toy2d.presets import PRESETS, Preset, Refine, Stage, preset_by_name
 from flowkit.toy2d.runners import Single, Stacked, make_runner, reselect
 from flowkit.toy2d.targets import Target2D, as_target
 from flowkit.validation import check_int
@@ -408,9 +409,7 @@ def _resolve_preset(preset: str | Preset, model: Any, overrides: dict[str, Any])
     """The preset by name or record, with the overrides. A given model instance keeps its
     architecture: no refine stage unless ``refine`` is given (its restarts are copies of it)."""
     if isinstance(preset, str):
-        if preset not in PRESETS:
-            raise ValueError(f"preset: expected one of {', '.join(sorted(PRESETS))} or a Preset, got {preset!r}")
-        preset = PRESETS[preset]
+        preset = preset_by_name(preset, stacklevel=4)  # warns at the caller of fit
     if not isinstance(preset, Preset):
         raise TypeError(
             f"preset: expected a name ({', '.join(sorted(PRESETS))}) or a Preset, got {type(preset).__name__}"
@@ -469,7 +468,7 @@ def fit(
             target or any object with ``log_prob(z)``, or a callable ``z -> log p~(z)``;
             ``None``: the model's own ``p`` (``NormalizingFlow(q0, flows, p=target)``).
         preset: a name in :data:`~flowkit.toy2d.presets.PRESETS` (``fast``, ``strong``,
-            ``seed``) or a :class:`~flowkit.toy2d.presets.Preset`.
+            ``seed-loop``: the seed's own loop; ``seed`` is its deprecated old name) or a :class:`~flowkit.toy2d.presets.Preset`.
         seed: the fit's random stream (initialisation of built models, samples): an int, a
             ``torch.Generator``, or ``None`` (one draw from torch's global generator, so
             ``torch.manual_seed`` makes the fit repeatable). The fit runs on a fork of the global
@@ -563,7 +562,7 @@ def _fit_stages(models: list[torch.nn.Module], plan: Preset, session: _Session) 
     )
 
 
-def _into_given(given: torch.nn.Module, fitted: torch.nn.Module) -> torch.nn.Module:
+def _into_given(given: nf.NormalizingFlow, fitted: nf.NormalizingFlow) -> nf.NormalizingFlow:
     """The fit of a given model, in that model: ``given`` takes the state of ``fitted`` (the chosen
     restart, a copy of it) for its own layers; with refine, the result is ``given`` followed by the
     new layers."""

@@ -23,6 +23,7 @@ __all__ = [
     "FLOW_KINDS",
     "IDENTITY_KINDS",
     "INVERTIBLE_KINDS",
+    "base_sample",
     "gaussian_mixture_base",
     "build_flow",
     "extend_flow",
@@ -153,13 +154,14 @@ def extend_flow(
         raise ValueError(
             f"kind: expected one of {', '.join(IDENTITY_KINDS)} (layers that can start as the identity), got {kind!r}"
         )
-    if not (isinstance(model, torch.nn.Module) and hasattr(model, "q0") and hasattr(model, "flows")):
+    flows = getattr(model, "flows", None)
+    if not (isinstance(model, torch.nn.Module) and hasattr(model, "q0") and isinstance(flows, torch.nn.ModuleList)):
         raise TypeError(f"model: expected a normflows NormalizingFlow (q0, flows), got {type(model).__name__}")
     new = build_flow(kind, layers, identity_init=True, **kwargs).flows  # checks layers; its fresh base is dropped
     ref = next(model.parameters(), None)
     if ref is not None:
         new.to(device=ref.device, dtype=ref.dtype)
-    return nf.NormalizingFlow(q0=model.q0, flows=list(model.flows) + list(new), p=getattr(model, "p", None))
+    return nf.NormalizingFlow(q0=model.q0, flows=list(flows) + list(new), p=getattr(model, "p", None))
 
 
 def is_invertible(model: nf.NormalizingFlow) -> bool:
@@ -175,9 +177,14 @@ def push_forward(model: nf.NormalizingFlow, z: torch.Tensor) -> tuple[torch.Tens
     return x, model.q0.log_prob(z) - logabsdet
 
 
+def base_sample(model: nf.NormalizingFlow, num_samples: int) -> torch.Tensor:
+    """``z ~ q0``, ``[num_samples, 2]``: draws from ``model``'s base distribution."""
+    return model.q0(num_samples)[0]
+
+
 def model_sample(model: nf.NormalizingFlow, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``x ~ q`` and ``log q(x)``, ``[num_samples, 2]`` and ``[num_samples]`` (normflows' ``sample``)."""
-    return push_forward(model, model.q0(num_samples)[0])
+    return push_forward(model, base_sample(model, num_samples))
 
 
 def model_log_prob(model: nf.NormalizingFlow, x: torch.Tensor) -> torch.Tensor:

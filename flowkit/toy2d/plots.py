@@ -1,15 +1,15 @@
 """Pictures of 2D fits as PNGs: target and model densities on one colour scale, the loss curve
 with the annealing marked, snapshots of the model during the fit.
 
-Figures are built as ``matplotlib.figure.Figure`` objects (no pyplot, no global backend) and
-written atomically with :func:`flowkit.io.atomic_write_bytes`; matplotlib is imported on use.
+Figures are ``matplotlib.figure.Figure`` objects from :func:`flowkit.viz.new_figure` (no pyplot,
+no global backend), written atomically with :func:`flowkit.viz.atomic_savefig`; matplotlib is
+imported on use.
 :class:`SnapshotWriter` is a :func:`~flowkit.toy2d.fit` callback that rewrites
 ``snapshots.png`` as the fit goes.
 """
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from flowkit.io import atomic_write_bytes
 from flowkit.toy2d.flows import is_invertible, model_log_prob, model_sample
 from flowkit.toy2d.targets import Box, Target2D, _grid_points, as_target
+from flowkit.viz import DPI, atomic_savefig, new_figure
 
 __all__ = [
     "SnapshotWriter",
@@ -35,15 +35,11 @@ __all__ = [
 
 
 def _figure(width: float, height: float):
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), layout="constrained")
+    return new_figure(width, height, layout="constrained")
 
 
-def _save(fig, path: str | os.PathLike, dpi: int = 100) -> Path:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    return atomic_write_bytes(path, buf.getvalue())
+def _save(fig, path: str | os.PathLike) -> Path:
+    return atomic_savefig(fig, path, dpi=DPI, format="png")
 
 
 def _box_of(target: Target2D, box: Box | None) -> Box:

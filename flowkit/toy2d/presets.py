@@ -18,11 +18,12 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Literal
 
 from flowkit.validation import check_bool, check_choice, check_float, check_int, check_optional_int
 
-__all__ = ["PRESETS", "Preset", "Refine", "Restarts", "Stage"]
+__all__ = ["DEPRECATED_PRESETS", "PRESETS", "Preset", "Refine", "Restarts", "Stage", "preset_by_name"]
 
 
 Phase = Literal["teacher", "forward", "reverse", "chi2"]
@@ -322,31 +323,73 @@ OVERRIDES: dict[str, str] = {
 }
 
 
+#: old preset names kept for one release: ``"seed"`` (read next to ``seed=``/``--seed`` as a
+#: random seed) is ``"seed-loop"``
+DEPRECATED_PRESETS: dict[str, str] = {"seed": "seed-loop"}
+
+
+class _PresetTable(dict):
+    """:data:`PRESETS`: a dict of the current names; an old name (:data:`DEPRECATED_PRESETS`)
+    still looks up its new preset, with a ``DeprecationWarning``, but is not listed."""
+
+    def __missing__(self, key: str) -> Preset:
+        if key not in DEPRECATED_PRESETS:
+            raise KeyError(key)
+        return preset_by_name(key, stacklevel=3)
+
+
 def _strong_stage() -> Stage:
     return Stage(iters=2000, batch_size=512, lr=1e-3, forward_iters=1500, teacher_iters=500)
 
 
-PRESETS: dict[str, Preset] = {
-    # fit()'s and `flowkit fit2d`'s default: the seed's 16 Planar flows, 8 restarts through the
-    # annealing, then the best distilled into a Gaussian mixture + 2 spline couplings (a given
-    # model instance: 8 perturbed copies of it as restarts, no distillation; see fit)
-    "fast": Preset(refine=Refine()),
-    # for importance sampling: a longer first stage, a longer distillation, then a reverse-KL polish
-    "strong": Preset(
-        stage=Stage(iters=2000, batch_size=512, lr=1e-2, anneal_iters=800), refine=Refine(stage=_strong_stage())
-    ),
-    # the seed's own loop: 20,000 steps of 40 samples at lr 1e-3, total gradient, one model
-    "seed": Preset(
-        stage=Stage(
-            iters=20000,
-            batch_size=40,
-            lr=1e-3,
-            anneal_iters=10000,
-            weight_decay=1e-4,
-            schedule="constant",
-            gradient="total",
+PRESETS: dict[str, Preset] = _PresetTable(
+    {
+        # fit()'s and `flowkit fit2d`'s default: the seed's 16 Planar flows, 8 restarts through the
+        # annealing, then the best distilled into a Gaussian mixture + 2 spline couplings (a given
+        # model instance: 8 perturbed copies of it as restarts, no distillation; see fit)
+        "fast": Preset(refine=Refine()),
+        # for importance sampling: a longer first stage, a longer distillation, then a reverse-KL polish
+        "strong": Preset(
+            stage=Stage(iters=2000, batch_size=512, lr=1e-2, anneal_iters=800), refine=Refine(stage=_strong_stage())
         ),
-        restarts=Restarts(count=1, keep=1),
-        keep_best=False,
-    ),
-}
+        # the seed's own loop: 20,000 steps of 40 samples at lr 1e-3, total gradient, one model
+        "seed-loop": Preset(
+            stage=Stage(
+                iters=20000,
+                batch_size=40,
+                lr=1e-3,
+                anneal_iters=10000,
+                weight_decay=1e-4,
+                schedule="constant",
+                gradient="total",
+            ),
+            restarts=Restarts(count=1, keep=1),
+            keep_best=False,
+        ),
+    }
+)
+
+
+def preset_by_name(name: str, *, stacklevel: int = 2) -> Preset:
+    """The preset called ``name`` in :data:`PRESETS`; an old name in :data:`DEPRECATED_PRESETS`
+    gives its new preset with a ``DeprecationWarning`` (attributed ``stacklevel`` frames up, as
+    in :func:`warnings.warn`).
+
+    Raises:
+        ValueError: an unknown name.
+
+    Example:
+        >>> preset_by_name("seed-loop").stage.iters
+        20000
+    """
+    if name in DEPRECATED_PRESETS:
+        new = DEPRECATED_PRESETS[name]
+        warnings.warn(
+            f"preset {name!r} is deprecated and will be removed in the next release; use {new!r}",
+            DeprecationWarning,
+            stacklevel=stacklevel,
+        )
+        name = new
+    if name not in PRESETS:
+        raise ValueError(f"preset: expected one of {', '.join(sorted(PRESETS))} or a Preset, got {name!r}")
+    return PRESETS[name]

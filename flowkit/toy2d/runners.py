@@ -12,7 +12,7 @@ import copy
 
 import torch
 
-from flowkit.toy2d.flows import model_log_prob, push_forward
+from flowkit.toy2d.flows import base_sample, model_log_prob, push_forward
 
 __all__ = ["Single", "Stacked", "make_runner", "reselect"]
 
@@ -27,7 +27,7 @@ class Single:
         return list(self.models[0].parameters())
 
     def draw(self, n: int) -> torch.Tensor:
-        return self.models[0].q0(n)[0]
+        return base_sample(self.models[0], n)
 
     def push(self, z0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return push_forward(self.models[0], z0)
@@ -52,7 +52,7 @@ class _Calls(torch.nn.Module):
 
     def forward(self, arg):
         if self.what == "draw":
-            return self.m.q0(arg)[0]
+            return base_sample(self.m, arg)
         return push_forward(self.m, arg) if self.what == "push" else model_log_prob(self.m, arg)
 
 
@@ -94,7 +94,7 @@ class Stacked:
 
     def draw(self, n: int) -> torch.Tensor:
         if not self.vectorized:
-            return torch.stack([m.q0(n)[0] for m in self.models])
+            return torch.stack([base_sample(m, n) for m in self.models])
         return self._draw(n)
 
     def push(self, z0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

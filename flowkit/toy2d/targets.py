@@ -269,6 +269,7 @@ class Target2D(torch.nn.Module):
     closed_form_log_z: float | None = None
     max_log_z_error: float = 0.02  # nats; a less accurate integral is not used (KL reported relative)
     aim_log_z_error: float = 1e-3  # nats; finer grids (where a target offers them) until the error is below
+    _anchor: torch.Tensor  # buffer (see __init__)
 
     def __init__(self) -> None:
         super().__init__()
@@ -562,6 +563,9 @@ def _forget(key: tuple) -> None:
 class GaussianTarget(Target2D):
     """``log p~(x) = -0.5 (x - m)^T S^-1 (x - m)``; ``log Z = log(2 pi) + 0.5 log det S``."""
 
+    mean: torch.Tensor  # buffer
+    chol: torch.Tensor  # buffer
+
     def __init__(self, mean=(0.0, 0.0), cov=((1.0, 0.0), (0.0, 1.0))):
         super().__init__()
         mean = torch.as_tensor(mean, dtype=torch.float64)
@@ -600,6 +604,8 @@ class EightGaussians(Target2D):
     """
 
     name = "eight-gaussians"
+
+    centers: torch.Tensor  # buffer
 
     def __init__(self, radius: float = 2 * math.sqrt(2), std: float = 0.5 / math.sqrt(2)):
         super().__init__()
@@ -660,6 +666,8 @@ class Checkerboard(Target2D):
     """
 
     name = "checkerboard"
+
+    lower: torch.Tensor  # buffer
 
     def __init__(self, edge: float = 0.1):
         super().__init__()

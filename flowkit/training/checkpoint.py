@@ -11,8 +11,8 @@ A checkpoint file holds tensors and JSON-able metadata only (it is read with
   again as ``model=``;
 * the optimizer and scheduler states, the epoch, the metric history and the run's options.
 
-:func:`save_checkpoint` never writes NaN/inf and replaces the file in one step (temp file +
-``os.replace``); :func:`read_checkpoint` turns a missing, empty, truncated, random or foreign
+:func:`save_checkpoint` never writes NaN/inf and replaces the file in one step
+(:func:`flowkit.io.atomic_write_bytes`); :func:`read_checkpoint` turns a missing, empty, truncated, random or foreign
 file into one :class:`CheckpointError` sentence.
 """
 
@@ -214,7 +214,7 @@ def check_finite(checkpoint: Checkpoint, path: str | os.PathLike) -> None:
 
 
 def save_checkpoint(checkpoint: Checkpoint, path: str | os.PathLike) -> Path:
-    """Write ``checkpoint`` to ``path`` atomically (temp file + ``os.replace``); returns the path.
+    """Write ``checkpoint`` to ``path`` atomically (:func:`flowkit.io.atomic_write_bytes`); returns the path.
 
     Raises:
         NonFiniteLossError: a parameter, buffer or optimizer state holds NaN/inf; nothing is
