@@ -335,7 +335,9 @@ def test_docstring_examples_run():
 
 
 def test_old_argument_names_still_build_the_same_glow_with_a_deprecation_warning():
-    with pytest.warns(DeprecationWarning, match="(levels|steps_per_level)= is deprecated; use (num_scales|steps_per_scale)="):
+    with pytest.warns(
+        DeprecationWarning, match="(levels|steps_per_level)= is deprecated; use (num_scales|steps_per_scale)="
+    ):
         old = glow((1, 8, 8), levels=2, steps_per_level=1, hidden_channels=4, num_levels=17)
     new = glow((1, 8, 8), num_scales=2, steps_per_scale=1, hidden_channels=4, num_levels=17)
     assert old.level_shapes == new.level_shapes
