@@ -4,7 +4,8 @@ The seed (004_): TwoModes(2, 0.1), 16 normflows Planar on DiagGaussian(2), Adam(
 wd 1e-4), 20,000 steps of 40 samples, beta = min(1, 0.01 + it / 10000), the loss fetched to
 the host every step. Against it:
 
-* ``given``: ``toy2d.fit(nfm)`` on the same model (same initialisation), the default preset;
+* ``given``: ``toy2d.fit(nfm)`` on the same model (same initialisation), the default preset
+  (for a given model: 8 restarts at ``given_lr``, no refine stage);
 * ``fast``: ``flowkit fit2d``'s default (``fit(None, "two-modes")``: 8 restarts, ...);
 * ``strong``: ``fit(None, "two-modes", "strong")`` (then spline couplings and a chi^2 polish).
 

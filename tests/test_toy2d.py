@@ -628,6 +628,30 @@ def test_chi2_polish_covers_mass_where_reverse_kl_seeks_a_mode():
         fit(None, "two-modes", iters=5, chi2_from=6)
 
 
+def test_a_given_model_runs_at_the_presets_given_lr_unless_lr_is_given():
+    def lr_of(model, preset="fast", **kw):
+        r = fit(model, "two-modes", preset, iters=4, batch_size=8, restarts=2, progress=False, **kw)
+        return r.preset.stage.lr, r.preset.refine
+
+    assert PRESETS["fast"].given_lr == 2e-2 and PRESETS["fast"].stage.lr == 1e-2
+    assert lr_of(build_flow("planar", 2)) == (2e-2, None)  # no refine stage: the first stage is the fit
+    assert lr_of(build_flow("planar", 2), lr=5e-3)[0] == 5e-3
+    assert lr_of(build_flow("planar", 2), given_lr=3e-2)[0] == 3e-2
+    assert lr_of(build_flow("planar", 2), "seed-loop")[0] == 1e-3  # the seed's loop keeps the seed's rate
+    assert lr_of(lambda: build_flow("planar", 2), refine=False)[0] == 1e-2  # a builder: the stage's rate
+    with pytest.raises(ValueError, match="given_lr"):
+        PRESETS["fast"].with_overrides(given_lr=0.0)
+
+
+def test_the_current_model_is_the_best_scored_restart_never_a_dead_one():
+    from flowkit.toy2d.fit import _current_slot
+
+    losses = np.array([[0.1, 0.5, -1.0], [0.1, 0.5, -1.0]])  # [steps, restarts]: restart 2 lowest but dead
+    alive = np.array([True, True, False])
+    assert _current_slot(losses, alive, None) == 0  # unscored chunk: lowest batch loss among the live
+    assert _current_slot(losses, alive, np.array([0.3, 0.2, 0.0])) == 1  # scored: the exact score decides
+
+
 def test_selection_scores_are_kl_and_ess():
     from flowkit.toy2d.objectives import scores
     from flowkit.toy2d.runners import Single

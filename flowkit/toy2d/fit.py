@@ -264,13 +264,24 @@ def _select(runner: Runner, opt: torch.optim.Adam, cands: list[_Candidate], sess
     return runner, opt, [cands[i] for i in kept], keys
 
 
-def _track_best(runner: Runner, cands: list[_Candidate], session: _Session, kind: str, step: int) -> None:
-    """Score each candidate now and keep the state of each one's best."""
+def _track_best(runner: Runner, cands: list[_Candidate], session: _Session, kind: str, step: int) -> np.ndarray:
+    """Score each candidate now and keep the state of each one's best; returns the scores."""
     now = scores(runner, session.target, session.samples, kind)
     for i, c in enumerate(cands):
         if now[i] < c.best_score and np.isfinite(c.losses[-1]).all():
             c.best_score, c.best_step = float(now[i]), step
             c.best_state = {k: v.detach().clone() for k, v in runner.export(i).state_dict().items()}
+    return now
+
+
+def _current_slot(losses: np.ndarray, alive: np.ndarray, scored: np.ndarray | None) -> int:
+    """The restart shown as the fit's current model (progress, snapshots, callback), never a dead
+    one: the best by the exact score where the chunk was scored (:func:`_track_best`), else the
+    lowest mean loss of the chunk. A batch of a few hundred samples rarely sees the thin bridge
+    of mass a Planar flow keeps between two modes (``log p~`` is about -200 there on TwoModes), so
+    the lowest batch loss often belongs to the restart with the higher KL."""
+    keys = scored if scored is not None else losses.mean(0)
+    return int(np.argmin(np.where(alive, keys, np.inf)))
 
 
 def _check_finite(losses: np.ndarray, first_step: int, lr: float) -> np.ndarray:
@@ -316,10 +327,11 @@ def _run_stage(
         for c, column in zip(cands, losses.T, strict=True):
             c.losses.append(column)
         alive = _check_finite(losses, offset + start, stage.lr)
+        scored = None
         if session.keep_best and stop >= track_from:
             kind = "kl" if stage.phase(stop - 1) == "reverse" else "ess"
-            _track_best(runner, cands, session, kind, offset + stop)
-        slot = int(np.argmin(np.where(alive, losses.mean(0), np.inf)))  # lowest recent loss, never a dead one
+            scored = _track_best(runner, cands, session, kind, offset + stop)
+        slot = _current_slot(losses, alive, scored)
         note = f" (restarts {', '.join(str(c.restart) for c in cands)})" if len(cands) > 1 else ""
         session.after_chunk(offset + stop, runner.export(slot), cands[slot].loss, note)
     if select_at is not None and select_at >= stage.iters and preset is not None:  # select at the very end
@@ -407,16 +419,20 @@ def _perturbed_copy(model: torch.nn.Module, scale: float = 0.5) -> torch.nn.Modu
 
 def _resolve_preset(preset: str | Preset, model: Any, overrides: dict[str, Any]) -> Preset:
     """The preset by name or record, with the overrides. A given model instance keeps its
-    architecture: no refine stage unless ``refine`` is given (its restarts are copies of it)."""
+    architecture: no refine stage unless ``refine`` is given (its restarts are copies of it),
+    and its first stage runs at the preset's ``given_lr`` unless ``lr`` is given."""
     if isinstance(preset, str):
         preset = preset_by_name(preset, stacklevel=4)  # warns at the caller of fit
     if not isinstance(preset, Preset):
         raise TypeError(
             f"preset: expected a name ({', '.join(sorted(PRESETS))}) or a Preset, got {type(preset).__name__}"
         )
-    if isinstance(model, torch.nn.Module):  # the user's model keeps its architecture: no new layers
-        overrides = {"refine": None, **overrides}
-    return preset.with_overrides(**overrides)
+    if not isinstance(model, torch.nn.Module):
+        return preset.with_overrides(**overrides)
+    plan = preset.with_overrides(**{"refine": None, **overrides})  # the user's model keeps its architecture
+    if plan.given_lr is not None and "lr" not in overrides:
+        plan = plan.with_overrides(lr=plan.given_lr)
+    return plan
 
 
 def _resolve_target(target: Any, model: torch.nn.Module) -> Target2D:

@@ -236,6 +236,10 @@ class Preset:
         keep_best: return the best state seen after the selection (scored every ``sync_every``
             steps: KL, or ESS during a polish), not the last.
         refine: the refine stage, or ``None``.
+        given_lr: the first stage's ``lr`` when ``fit`` is given a model instance (``None``:
+            ``stage.lr``). Such a fit has no refine stage: the first stage is the whole fit, and
+            the 16-Planar restarts reach a low KL sooner at a higher rate (``fast``: 2e-2 instead
+            of 1e-2; ``benchmarks/bench_fit2d.py --runs seed,given``).
     """
 
     flow: str = "planar"
@@ -244,6 +248,7 @@ class Preset:
     restarts: Restarts = dataclasses.field(default_factory=Restarts)
     keep_best: bool = True
     refine: Refine | None = None
+    given_lr: float | None = None
 
     def __post_init__(self) -> None:
         from flowkit.toy2d.flows import FLOW_KINDS
@@ -251,6 +256,8 @@ class Preset:
         check_choice("flow", self.flow, tuple(FLOW_KINDS))
         check_int("layers", self.layers, low=1)
         check_bool("keep_best", self.keep_best)
+        if self.given_lr is not None:
+            check_float("given_lr", self.given_lr, low=0, low_open=True)
         for name, value, cls in (("stage", self.stage, Stage), ("restarts", self.restarts, Restarts)):
             if not isinstance(value, cls):
                 raise TypeError(f"{name}: expected a {cls.__name__}, got {type(value).__name__}")
@@ -277,7 +284,7 @@ class Preset:
     def with_overrides(self, **overrides: Any) -> Preset:
         """This preset with fields replaced by name: any :class:`Stage` field (``iters``, ``lr``, ...),
         ``restarts`` (the count), ``keep``, ``select_at``, ``score``, ``select_samples``, ``flow``,
-        ``layers``, ``keep_best`` and ``refine`` (``True``: :class:`Refine` defaults, ``False``/``None``:
+        ``layers``, ``keep_best``, ``given_lr`` and ``refine`` (``True``: :class:`Refine` defaults, ``False``/``None``:
         none, or a :class:`Refine`).
 
         Raises:
@@ -319,7 +326,7 @@ _RESTART_FIELDS = {
 OVERRIDES: dict[str, str] = {
     **{f.name: "stage" for f in dataclasses.fields(Stage)},
     **{k: "restarts" for k in _RESTART_FIELDS},
-    **{k: "preset" for k in ("flow", "layers", "keep_best", "refine")},
+    **{k: "preset" for k in ("flow", "layers", "keep_best", "refine", "given_lr")},
 }
 
 
@@ -347,7 +354,7 @@ PRESETS: dict[str, Preset] = _PresetTable(
         # fit()'s and `flowkit fit2d`'s default: the seed's 16 Planar flows, 8 restarts through the
         # annealing, then the best distilled into a Gaussian mixture + 2 spline couplings (a given
         # model instance: 8 perturbed copies of it as restarts, no distillation; see fit)
-        "fast": Preset(refine=Refine()),
+        "fast": Preset(refine=Refine(), given_lr=2e-2),
         # for importance sampling: a longer first stage, a longer distillation, then a reverse-KL polish
         "strong": Preset(
             stage=Stage(iters=2000, batch_size=512, lr=1e-2, anneal_iters=800), refine=Refine(stage=_strong_stage())
