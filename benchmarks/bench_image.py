@@ -51,6 +51,9 @@ IMAGE_SHAPE = (1, 28, 28)
 NUM_LEVELS = 256
 GLOW_KWARGS = dict(levels=2, steps_per_level=4, hidden_channels=64, num_layers=1, dequantization="uniform")
 FLOWKIT_KINDS = ("multiscale", "glow")
+# the small Glow the demo trained until flowkit's default model for the digits changed (issue 15)
+DEMO_MODEL_KWARGS = dict(levels=2, steps_per_level=4, hidden_channels=32, num_layers=1, dequantization="uniform")
+DEMO_LR = 2e-3
 
 
 # -- models ----------------------------------------------------------------------------------
@@ -321,7 +324,6 @@ def bpd_in_budget(model, loss_fn, train_images, val_images, budget, batch_size, 
 
 
 def budget_section(args) -> None:
-    from flowkit.commands.demo import DEMO_LR, DEMO_MODEL_KWARGS
     from flowkit.data import load_splits
     from flowkit.models import glow, tutorial_flow
 

@@ -250,6 +250,8 @@ def test_a_skipped_step_leaves_parameters_and_adam_untouched():
         model=model,
         step_loss=lambda batch: model.bpd(batch, validate=False),
         optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+        ema=None,
         config=types.SimpleNamespace(grad_clip=1.0),
         ctx=types.SimpleNamespace(all_true=lambda flag: flag),
     )

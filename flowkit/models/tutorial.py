@@ -60,7 +60,7 @@ def _check_hidden(hidden_channels: Sequence[int] | None) -> tuple[int, int, int]
         raise ValueError(f"hidden_channels: expected 3 widths (checkerboard, level 1, level 2), got {widths!r}")
     for width in widths:
         check_int("hidden_channels", width, low=1)
-    return widths  # type: ignore[return-value]
+    return widths
 
 
 def _variational_dequantization(c: int, h: int, w: int, num_levels: int) -> VariationalDequantization:

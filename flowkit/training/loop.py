@@ -182,7 +182,7 @@ def train(config: TrainConfig, model: ImageFlow | None = None, *, hooks: Sequenc
         model: a ready :class:`~flowkit.models.ImageFlow` to train (any nflows Transform
             inside); ``None``: build ``config.model`` (a registry name or an import path).
             An instance is trained in place (it ends with the last epoch's weights; ``best.pt``
-            holds the best) and its checkpoints have no recipe, so ``load_checkpoint`` needs it
+            holds the best, the weight average with ``ema_decay``) and its checkpoints have no recipe, so ``load_checkpoint`` needs it
             again as ``model=``.
         hooks: extra :class:`~flowkit.training.hooks.Hook` objects, called after the default ones.
 
