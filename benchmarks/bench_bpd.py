@@ -35,8 +35,9 @@ Usage::
     .venv/bin/python benchmarks/bench_bpd.py --data digits --budgets 30,60
     .venv/bin/python benchmarks/bench_bpd.py --quick               # a smoke run (~1 min)
 
-``--variant NAME=JSON`` adds a flowkit contender with ``TrainConfig`` options changed (for
-choosing defaults), e.g. ``--variant lr3='{"lr": 3e-3}'``.
+``--variant [DATA:]NAME=JSON`` adds a flowkit contender with ``TrainConfig`` options changed
+(for choosing defaults), on every data set or on ``DATA`` only, e.g.
+``--variant lr3='{"lr": 3e-3}'`` or ``--variant mnist:full='{"model_kwargs": {"num_layers": 3}}'``.
 """
 
 from __future__ import annotations
@@ -277,7 +278,7 @@ def run_section(data: str, root: str, budgets: list[float], contenders: dict[str
 def print_table(columns: list[tuple[str, float]], table: dict[str, dict], names: list[str]) -> None:
     """Rows: contenders; columns: (data, budget) bpd (steps); then flowkit minus the best peer."""
     heads = [f"{d} {b:g}s" for d, b in columns]
-    print(f"\n{'contender':<16}" + "".join(f"{h:>20}" for h in heads) + "   params")
+    print(f"\n{'contender':<24}" + "".join(f"{h:>20}" for h in heads) + "   params")
     best_peer = {}
     for d, b in columns:
         peers = [table[d][p]["at"][b]["bpd"] for p in PEERS if p in table.get(d, {}) and b in table[d][p]["at"]]
@@ -288,7 +289,7 @@ def print_table(columns: list[tuple[str, float]], table: dict[str, dict], names:
             r = table.get(d, {}).get(name, {}).get("at", {}).get(b)
             cells.append(f"{r['bpd']:.3f} ({r['steps']} st)" if r else "-")
         params = "/".join(f"{table[d][name]['params']:,}" for d in dict(columns) if name in table.get(d, {}))
-        print(f"{name:<16}" + "".join(f"{c:>20}" for c in cells) + f"   {params}")
+        print(f"{name:<24}" + "".join(f"{c:>20}" for c in cells) + f"   {params}")
     for name in names:
         if name in PEERS:
             continue
@@ -296,7 +297,7 @@ def print_table(columns: list[tuple[str, float]], table: dict[str, dict], names:
         for d, b in columns:
             r = table.get(d, {}).get(name, {}).get("at", {}).get(b)
             diffs.append(f"{r['bpd'] - best_peer[(d, b)]:+.3f}" if r else "-")
-        print(f"{name + ' - best peer':<16}" + "".join(f"{c:>20}" for c in diffs))
+        print(f"{name + ' - best peer':<24}" + "".join(f"{c:>20}" for c in diffs))
     print("(validation bits/dim after the budget of CPU seconds of training, one thread; lower is better)")
 
 
@@ -306,7 +307,13 @@ def parse_args(argv=None):
     p.add_argument("--budgets", default="30,120,300", help="training budgets on the digits, CPU seconds")
     p.add_argument("--mnist-budgets", default="300", help="training budgets on MNIST, CPU seconds")
     p.add_argument("--contenders", default="flowkit," + ",".join(PEERS), help="comma-separated")
-    p.add_argument("--variant", action="append", default=[], metavar="NAME=JSON", help="extra flowkit contender")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="[DATA:]NAME=JSON",
+        help="extra flowkit contender (on DATA only)",
+    )
     p.add_argument("--batch-size", type=int, default=None, help="every contender's batch (default: flowkit's)")
     p.add_argument("--slice", type=float, default=2.0, help="CPU seconds per turn")
     p.add_argument("--tutorial-ref", type=Path, default=DEFAULT_TUTORIAL_REF)
@@ -330,12 +337,14 @@ def main(argv=None) -> None:
     if args.quick:
         budgets, n_train, n_test = {"digits": [2.0, 4.0], "mnist": [3.0]}, 500, 100
     contenders = {name: {} for name in args.contenders.split(",") if name}
+    for name in contenders:
+        if name not in PEERS and name != "flowkit":
+            raise SystemExit(f"error: --contenders: unknown {name!r} (flowkit, {', '.join(PEERS)})")
+    variants: dict[str, dict[str, dict]] = {}  # data set ("" for all) -> name -> TrainConfig options
     for spec in args.variant:
         name, _, text = spec.partition("=")
-        contenders[name] = json.loads(text)
-    for name, options in contenders.items():
-        if name not in PEERS and name != "flowkit" and not options:
-            raise SystemExit(f"error: --contenders: unknown {name!r} (flowkit, {', '.join(PEERS)}, or a --variant)")
+        where, _, name = name.rpartition(":")
+        variants.setdefault(where, {})[name] = json.loads(text)
     print(
         f"torch {torch.__version__}, one thread per contender, batch {args.batch_size}, slices of {args.slice:g} CPU s"
     )
@@ -347,12 +356,14 @@ def main(argv=None) -> None:
                 write_mnist(args.mnist_npz, Path(root), n_train, n_test)
             elif data != "digits":
                 raise SystemExit(f"error: --data: expected digits or mnist, got {data!r}")
-            res = run_section(data, root, budgets[data], contenders, args)
+            here = {**contenders, **variants.get("", {}), **variants.get(data, {})}
+            res = run_section(data, root, budgets[data], here, args)
             table[data] = {n: {**r, "at": {x["budget"]: x for x in r["results"]}} for n, r in res.items()}
             columns += [(data, b) for b in budgets[data]]
             for n, r in res.items():
                 print(f"  {data}: {n}: {r['what']}")
-    print_table(columns, table, list(contenders))
+    names = list(contenders) + [n for group in variants.values() for n in group if n not in contenders]
+    print_table(columns, table, names)
     if args.json:
         args.json.write_text(
             json.dumps(
