@@ -24,7 +24,7 @@ import time
 __all__ = ["register", "DEMO_EPOCHS", "PEER_REFERENCE"]
 
 # tuned by measurement on the 2-core CPU this project is developed on (see the README)
-DEMO_EPOCHS = 40
+DEMO_EPOCHS = 25
 #: (peer, training budget in CPU seconds, its validation bits/dim): from
 #: ``benchmarks/bench_bpd.py --data digits`` (the README's table), not measured by the demo
 PEER_REFERENCE = ("normflows Glow", 120, 2.050)
