@@ -333,7 +333,7 @@ def budget_section(args) -> None:
     val_images = torch.stack([im for im, _ in splits["val"]]).to(device)
     print(f"\nbits/dim on digits val after {args.budget:.0f}s of training (batch 64, lr {DEMO_LR}):")
     candidates = [
-        ("flowkit glow (demo config)", lambda: glow((1, 8, 8), num_levels=17, **DEMO_MODEL_KWARGS)),
+        ("flowkit glow (L=2, K=4, 32 hidden)", lambda: glow((1, 8, 8), num_levels=17, **DEMO_MODEL_KWARGS)),
         ("normflows Glow (L=2, K=4, 64 hidden)", lambda: NormflowsGlow((1, 8, 8), 17, 2, 4, 64)),
         ("flowkit tutorial_flow('multiscale')", lambda: tutorial_flow("multiscale", (1, 8, 8), 17)),
     ]
