@@ -42,6 +42,8 @@ def _config(out, batch_size=GLOBAL_BATCH, **overrides) -> TrainConfig:
         num_samples=4,
         init_batch_size=32,
         progress=False,
+        ema_decay=0.0,  # the checkpoints hold the ranks' weights themselves (compared below)
+        warmup_steps=0,  # the full lr from the first step: a wrong gradient average shows (below)
     )
     options.update(overrides)
     return TrainConfig(**options)

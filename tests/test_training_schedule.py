@@ -190,3 +190,11 @@ def test_cli_flags_set_the_schedule_options():
     args = parser.parse_args(["train", "--warmup-steps", "7", "--ema-decay", "0.99", "--out", "x"])
     config = config_from_args(args)
     assert (config.warmup_steps, config.ema_decay, config.model) == (7, 0.99, None)
+
+
+def test_glow_options_without_a_model_name_say_to_name_it(tmp_path):
+    from flowkit.models import ModelBuildError
+
+    with pytest.raises(ModelBuildError, match="update the data set's default model .'multiscale'.: name the model"):
+        train(tiny_config(tmp_path, model=None, model_kwargs={"levels": 2}))
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())

@@ -326,7 +326,7 @@ def _check_resume(config: TrainConfig, files: RunFiles) -> Checkpoint | None:
 def start_run(config: TrainConfig, model: ImageFlow | None = None, hooks: Sequence[Hook] = ()) -> Run:
     """Check everything, then build the :class:`Run` (see :func:`~flowkit.training.train`)."""
     config.validate()
-    config = _resolve_model_option(config, model)
+    given, config = config, _resolve_model_option(config, model)
     ctx = setup_distributed(config.device)
     try:
         if config.batch_size % ctx.world_size:
@@ -337,7 +337,15 @@ def start_run(config: TrainConfig, model: ImageFlow | None = None, hooks: Sequen
         files = check_run_folder(Path(config.out), resume=config.resume, overwrite=config.overwrite)
         stored = _check_resume(config, files)
         info, splits = _load_data(config)
-        model, recipe = _model_and_recipe(config, model, info)
+        try:
+            model, recipe = _model_and_recipe(config, model, info)
+        except ModelBuildError as err:
+            if given.model is None and given.model_kwargs and model is None:
+                raise ModelBuildError(
+                    f"{err}; without a model name, model_kwargs update the data set's default model "
+                    f"({config.model!r}): name the model they are for (e.g. model='glow', --model glow)"
+                ) from err
+            raise
         _check_labels(model, splits)
         all_hooks = [*default_hooks(config), *hooks]
         return _assemble(config, ctx, files, model, recipe, splits, all_hooks, stored)
