@@ -38,10 +38,18 @@ from flowkit.models import glow
 from flowkit.training import TrainConfig, load_checkpoint, train
 from flowkit.viz import save_image_grid
 
-SETTINGS = {  # --quick: seconds on a CPU; full: the size and training of `make demo`
+SETTINGS = {  # --quick: seconds on a CPU (45 steps: a short warm-up); full: the demo's former Glow and training
     "quick": dict(
         model=dict(num_scales=2, steps_per_scale=1, hidden_channels=16, num_layers=1, dequantization="uniform"),
-        train=dict(epochs=3, lr=2e-3, batch_size=32, max_train_batches=15, max_eval_batches=2, importance_samples=2),
+        train=dict(
+            epochs=3,
+            lr=2e-3,
+            warmup_steps=5,
+            batch_size=32,
+            max_train_batches=15,
+            max_eval_batches=2,
+            importance_samples=2,
+        ),
     ),
     "full": dict(
         model=dict(num_scales=2, steps_per_scale=4, hidden_channels=32, num_layers=1, dequantization="uniform"),

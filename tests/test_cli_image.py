@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from flowkit.cli import main
+from flowkit.training import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"num_scales": 1, "steps_per_scale": 1, "hidden_channels": 4, "num_layers": 0, "dequantization": "uniform"}
@@ -94,7 +95,7 @@ def test_resume_refuses_a_changed_option_naming_its_flag(run_dir, capsys):
     before = (run_dir / "last.pt").read_bytes()
     assert main(["train", "--out", str(run_dir), "--epochs", "3", "--resume", "--lr", "0.01"]) == 2
     line = _one_error_line(capsys.readouterr().err)
-    assert "--lr is 0.01 but the run was started with 0.001" in line and "--epochs" in line
+    assert f"--lr is 0.01 but the run was started with {TrainConfig.lr}" in line and "--epochs" in line
     assert main(["train", "--out", str(run_dir), "--resume", "--overwrite"]) == 2
     assert "overwrite: a resumed run continues the run in out" in _one_error_line(capsys.readouterr().err)
     assert main(["train", "--out", str(run_dir), "--resume", "--batch-size", "16", "--epochs", "1"]) == 0  # same value
@@ -298,7 +299,7 @@ def test_readme_training_commands_run_as_written(tmp_path, monkeypatch, capsys):
                 argv = [FEWER_EPOCHS[a] if argv[i - 1] == "--epochs" else a for i, a in enumerate(argv) if i]
                 assert main(argv) == 0, (line, capsys.readouterr().err)
                 commands += 1
-    assert commands == 7
+    assert commands == 8
     assert (tmp_path / "grid.png").is_file() and (tmp_path / "runs/mine/analysis/analysis.json").is_file()
     assert torch.load(tmp_path / "runs/glow/last.pt", weights_only=True)["epoch"] == 2  # resumed to "60"
     assert torch.load(tmp_path / "runs/x/last.pt", weights_only=True)["epoch"] == 2  # resumed to "20"

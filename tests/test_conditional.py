@@ -395,7 +395,7 @@ def test_cli_a_users_conditional_module_trains_samples_evaluates_and_analyzes(tm
 @pytest.fixture(scope="module")
 def unconditional_checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("plain") / "run"
-    assert main(_train_args(out, "--model-kwargs", json.dumps(TINY))) == 0
+    assert main(_train_args(out, "--model", "glow", "--model-kwargs", json.dumps(TINY))) == 0
     return out / "best.pt"
 
 
@@ -431,7 +431,7 @@ def test_cli_train_conditional_names_the_argument_an_unconditional_builder_lacks
 
 
 def test_cli_train_refuses_a_conditional_builder_without_the_flag(tmp_path, capsys):
-    args = _train_args(tmp_path / "run", "--model-kwargs", json.dumps({**TINY, "num_classes": 10}))
+    args = _train_args(tmp_path / "run", "--model", "glow", "--model-kwargs", json.dumps({**TINY, "num_classes": 10}))
     assert main(args) == 2
     assert "is conditional on 10 classes; train it with conditional=True (--conditional)" in _one_error_line(
         capsys.readouterr().err

@@ -42,6 +42,8 @@ def _config(out, batch_size=GLOBAL_BATCH, **overrides) -> TrainConfig:
         num_samples=4,
         init_batch_size=32,
         progress=False,
+        ema_decay=0.0,  # the checkpoints hold the ranks' weights themselves (compared below)
+        warmup_steps=0,  # the full lr from the first step: a wrong gradient average shows (below)
     )
     options.update(overrides)
     return TrainConfig(**options)
@@ -280,6 +282,8 @@ def test_torchrun_cli_trains_on_two_processes(tmp_path):
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["world_size"] == 2 and summary["test_bpd"] > 0
     assert (out / "best.pt").is_file() and (out / "samples.png").is_file()
+    saved = torch.load(out / "last.pt", weights_only=True)  # the default weight average, on every rank alike
+    assert saved["ema"]["updates"] == 2 and saved["train_state_dict"].keys() == saved["state_dict"].keys()
 
 
 def test_global_batch_must_divide_over_the_ranks(tmp_path, monkeypatch):

@@ -59,6 +59,9 @@ def tiny_config(out, **overrides) -> TrainConfig:
         num_samples=4,
         init_batch_size=32,
         progress=False,
+        # the plain path: the warm-up and the weight average have their own tests (test_training_schedule.py)
+        warmup_steps=0,
+        ema_decay=0.0,
     )
     options.update(overrides)
     return TrainConfig(**options)
@@ -86,7 +89,7 @@ def test_train_writes_checkpoints_metrics_and_pictures(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     assert [int(r["epoch"]) for r in rows] == [1, 2] == [h.epoch for h in result.history]
     assert all(math.isfinite(float(r["val_bpd"])) and math.isfinite(float(r["train_bpd"])) for r in rows)
-    assert float(rows[1]["lr"]) == pytest.approx(2e-3 * 0.99)  # StepLR after one epoch
+    assert float(rows[1]["lr"]) == pytest.approx(2e-3 * TrainConfig.lr_decay)  # decayed after one epoch
     summary = json.loads((tmp_path / "metrics.json").read_text())
     assert summary["test_bpd"] == pytest.approx(result.test_bpd) and math.isfinite(result.test_bpd)
     assert summary["best_epoch"] == result.best_epoch and len(summary["history"]) == 2
@@ -250,6 +253,8 @@ def test_a_skipped_step_leaves_parameters_and_adam_untouched():
         model=model,
         step_loss=lambda batch: model.bpd(batch, validate=False),
         optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+        ema=None,
         config=types.SimpleNamespace(grad_clip=1.0),
         ctx=types.SimpleNamespace(all_true=lambda flag: flag),
     )

@@ -68,3 +68,39 @@ def test_an_empty_batch_is_a_clear_error_at_the_boundary(validate):
         model.bpd(empty, validate=validate)
     with pytest.raises(ValueError, match=expected):
         model.bpd_importance(empty, num_samples=2, validate=validate)
+
+
+def test_widths_depth_and_dequantization_change_the_architecture():
+    from flowkit.layers import VariationalDequantization
+    from flowkit.models import build_model
+
+    base = tutorial_flow("multiscale", (1, 8, 8), 17)
+    small = tutorial_flow("multiscale", (1, 8, 8), 17, hidden_channels=[16, 24, 32], num_layers=1)
+    uniform = tutorial_flow("multiscale", (1, 8, 8), 17, dequantization="uniform")
+    assert small.num_parameters() < base.num_parameters() / 4
+    assert isinstance(base.dequantization, VariationalDequantization)
+    assert not isinstance(uniform.dequantization, VariationalDequantization)
+    assert uniform.num_parameters() < base.num_parameters()
+    assert tutorial_flow("simple", (1, 8, 8), 17, dequantization="variational").num_parameters() == (
+        tutorial_flow("vardeq", (1, 8, 8), 17).num_parameters()
+    )
+    # the defaults are the tutorial's architecture, through the registry too
+    built = build_model("multiscale", (1, 28, 28), 256, hidden_channels=[32, 48, 64], num_layers=3)
+    assert built.num_parameters() == EXPECTED["multiscale"]
+    x = torch.randint(0, 17, (3, 1, 8, 8))
+    assert torch.isfinite(small.bpd(x)).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"hidden_channels": [16, 24]}, ValueError, "hidden_channels: expected 3 widths"),
+        ({"hidden_channels": 16}, TypeError, "hidden_channels"),
+        ({"hidden_channels": [16, 0, 8]}, ValueError, "hidden_channels"),
+        ({"num_layers": -1}, ValueError, "num_layers"),
+        ({"dequantization": "gaussian"}, ValueError, "dequantization"),
+    ],
+)
+def test_bad_architecture_options_are_one_clear_error(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        tutorial_flow("multiscale", (1, 8, 8), 17, **kwargs)

@@ -115,13 +115,24 @@ def _add(p, field: str, help: str, default: Any, **kwargs) -> None:
 
 def register(sub) -> None:
     from flowkit.training import TrainConfig
+    from flowkit.training.config import DEFAULT_MODELS
 
     d = TrainConfig()
     p = sub.add_parser("train", help="train an image flow (checkpoints, metrics, samples and curves in --out)")
     _add(p, "data", "digits | mnist | fashion-mnist | cifar10", d.data)
-    _add(p, "model", "glow | simple | vardeq | multiscale, or an import path package.module:function", "glow")
     _add(
-        p, "model_kwargs", "builder options as JSON, e.g. '{\"num_scales\": 2}'", "{}", type=_json_dict, metavar="JSON"
+        p,
+        "model",
+        "glow | simple | vardeq | multiscale, or an import path package.module:function",
+        "the data set's: " + ", ".join(f"{data} {name}" for data, (name, _) in DEFAULT_MODELS.items()),
+    )
+    _add(
+        p,
+        "model_kwargs",
+        "builder options as JSON, e.g. '{\"num_scales\": 2}' (without --model: they update the default model's)",
+        "{}",
+        type=_json_dict,
+        metavar="JSON",
     )
     p.add_argument(
         "--memory-saving",
@@ -146,7 +157,15 @@ def register(sub) -> None:
     _add(p, "threads", "CPU threads (torch.set_num_threads; 0: torch's default)", "1 on the CPU", type=int, metavar="N")
     _add(p, "batch_size", "global batch; under torchrun each of N processes takes batch-size/N", d.batch_size, type=int)
     _add(p, "lr", "Adam learning rate", d.lr, type=float)
-    _add(p, "lr_decay", "StepLR gamma per epoch", d.lr_decay, type=float)
+    _add(p, "lr_decay", "learning-rate factor per epoch", d.lr_decay, type=float)
+    _add(p, "warmup_steps", "linear learning-rate warm-up over the first N steps (0: off)", d.warmup_steps, type=int)
+    _add(
+        p,
+        "ema_decay",
+        "evaluate, save and sample a moving average of the weights with this decay (0: off)",
+        d.ema_decay,
+        type=float,
+    )
     _add(p, "grad_clip", "max gradient norm (0: off)", d.grad_clip, type=float)
     _add(p, "importance_samples", "samples of the final test bpd (0: skip the test)", d.importance_samples, type=int)
     _add(p, "sample_temperature", "temperature of samples.png", d.sample_temperature, type=float, metavar="T")

@@ -47,7 +47,7 @@ def _glow_builder(image_shape: Sequence[int], num_levels: int, **kwargs) -> Imag
     return glow(image_shape, num_levels=num_levels, **kwargs)
 
 
-_TUTORIAL_OPTIONS = ("num_classes", "label_channels")
+_TUTORIAL_OPTIONS = ("num_classes", "label_channels", "hidden_channels", "num_layers", "dequantization")
 
 
 def _tutorial_builder(kind: str) -> Callable[..., ImageFlow]:
@@ -56,7 +56,7 @@ def _tutorial_builder(kind: str) -> Callable[..., ImageFlow]:
         if unknown:
             raise ValueError(
                 f"kwargs: the tutorial model {kind!r} takes only {', '.join(_TUTORIAL_OPTIONS)}, got {unknown}; "
-                "only 'glow' accepts num_scales, steps_per_scale, hidden_channels, ..."
+                "only 'glow' accepts num_scales, steps_per_scale, coupling, ..."
             )
         return tutorial_flow(kind, image_shape, num_levels, **kwargs)
 

@@ -1,12 +1,14 @@
 """Train, evaluate and checkpoint any :class:`~flowkit.models.ImageFlow` on integer images.
 
 ``train(config, model=None)`` trains a model named in the config (a registry name such as
-``glow``, or an import path ``"package.module:function"``) or a ready instance (any nflows
-Transform inside).  Per epoch it minimises bits/dim with Adam, clips gradients, decays the
-learning rate (``StepLR``, as in the image-flow tutorial: Adam 1e-3, gamma 0.99 per epoch),
-measures validation bits/dim and writes ``last.pt`` (and ``best.pt`` when the validation bpd
-improved) atomically; at the end it measures the importance-sampled test bpd of the best
-model.  The engine, one part per module:
+``glow``, or an import path ``"package.module:function"``; none: the data set's default,
+:func:`~flowkit.training.config.default_model`) or a ready instance (any nflows Transform
+inside).  Per epoch it minimises bits/dim with Adam, clips gradients, follows a per-step
+learning-rate schedule (an optional linear warm-up, then ``lr_decay`` per epoch, as the
+image-flow tutorial's ``StepLR``), optionally keeps a moving average of the weights for
+evaluation (``ema_decay``), measures validation bits/dim and writes ``last.pt`` (and
+``best.pt`` when the validation bpd improved) atomically; at the end it measures the
+importance-sampled test bpd of the best model.  The engine, one part per module:
 
 * :mod:`~flowkit.training.config`: the options (:class:`TrainConfig`) and what a resumed run
   may change (:func:`resume_config`);
@@ -17,6 +19,7 @@ model.  The engine, one part per module:
 * :mod:`~flowkit.training.run`: setting up a run (every user error surfaces here, before
   anything is written);
 * :mod:`~flowkit.training.loop`: the loop and its step, with no host synchronisation per step;
+* :mod:`~flowkit.training.schedule`: the per-step learning-rate schedule and the weight average;
 * :mod:`~flowkit.training.hooks`: what varies (non-finite policy, checkpoints, metrics,
   TensorBoard, progress, pictures);
 * :mod:`~flowkit.training.evaluation`: bits/dim of a model on a data set, and the

@@ -9,7 +9,10 @@ A checkpoint file holds tensors and JSON-able metadata only (it is read with
   ``num_classes`` among the arguments, and the checkpoint records it), or ``None`` for a model passed to
   :func:`~flowkit.training.train` as an instance, which :func:`load_checkpoint` then needs
   again as ``model=``;
-* the optimizer and scheduler states, the epoch, the metric history and the run's options.
+* the optimizer and scheduler states, the epoch, the metric history and the run's options;
+* with a moving average of the weights (``ema_decay``): ``state_dict`` holds the averaged
+  weights (the model that is evaluated, loaded and sampled), ``train_state_dict`` the training
+  weights and ``ema`` the average's state (what a resumed run continues from).
 
 :func:`save_checkpoint` never writes NaN/inf and replaces the file in one step
 (:func:`flowkit.io.atomic_write_bytes`); :func:`read_checkpoint` turns a missing, empty, truncated, random or foreign
@@ -93,7 +96,8 @@ class Checkpoint:
 
     ``recipe`` is None for a model trained as an instance; ``model_class`` names its class
     (``package.module.Class``) so a message can say what to pass.  ``num_classes`` is the
-    number of classes of a class-conditional model (None: unconditional).
+    number of classes of a class-conditional model (None: unconditional).  ``train_state_dict``
+    and ``ema`` are set when the run averages its weights (``state_dict`` is then the average).
     """
 
     state_dict: dict[str, torch.Tensor]
@@ -112,6 +116,8 @@ class Checkpoint:
     optimizer: dict[str, Any] | None = None
     scheduler: dict[str, Any] | None = None
     num_classes: int | None = None
+    train_state_dict: dict[str, torch.Tensor] | None = None
+    ema: dict[str, Any] | None = None
 
     @property
     def model_name(self) -> str:
@@ -207,7 +213,7 @@ def _nonfinite_entry(tree: Any, prefix: str = "") -> str | None:
 
 def check_finite(checkpoint: Checkpoint, path: str | os.PathLike) -> None:
     """Raise :class:`NonFiniteLossError` if a parameter, buffer or optimizer state holds NaN/inf."""
-    for name in ("state_dict", "optimizer"):
+    for name in ("state_dict", "train_state_dict", "optimizer"):
         bad = _nonfinite_entry(getattr(checkpoint, name), name)
         if bad:
             raise NonFiniteLossError(f"refusing to write a non-finite checkpoint to {path}: {bad} has NaN/inf values")

@@ -20,7 +20,28 @@ from flowkit.models import check_model_name
 from flowkit.training.runtime import DEVICES
 from flowkit.validation import check_bool, check_choice, check_float, check_int, check_optional_int
 
-__all__ = ["MAY_CHANGE_ON_RESUME", "TrainConfig", "resume_config", "resume_conflicts"]
+__all__ = [
+    "DEFAULT_MODELS",
+    "MAY_CHANGE_ON_RESUME",
+    "OPTIONS_BEFORE_THEY_EXISTED",
+    "TrainConfig",
+    "default_model",
+    "resume_config",
+    "resume_conflicts",
+]
+
+#: what ``TrainConfig(model=None)`` trains on each data set: a registry name and its keyword
+#: arguments (chosen by benchmarks/bench_bpd.py: lowest validation bits/dim after 30-300 s of
+#: training on one CPU thread; see the README)
+DEFAULT_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+    "digits": ("multiscale", {"num_layers": 1}),
+    "mnist": ("multiscale", {"num_layers": 1}),
+    "fashion-mnist": ("multiscale", {"num_layers": 1}),
+    "cifar10": ("glow", {}),
+}
+
+#: the value of an option in a run stored before the option existed (what such a run did)
+OPTIONS_BEFORE_THEY_EXISTED: dict[str, Any] = {"warmup_steps": 0, "ema_decay": 0.0}
 
 #: options a resumed run may change; every other one must equal the stored run's
 MAY_CHANGE_ON_RESUME = (
@@ -49,14 +70,26 @@ class TrainConfig:
         data: data set name for :func:`flowkit.data.load_splits` (``digits``, ``mnist``, ...).
         model: what to build: a registry name (``glow``, ``simple``, ``vardeq``, ``multiscale``)
             or an import path ``"package.module:function"`` called as
-            ``function(image_shape, num_levels, **model_kwargs)``; ``None``: ``glow``, or the
-            instance passed as ``train(config, model=...)``.
-        model_kwargs: keyword arguments of the builder (JSON-serialisable: stored in checkpoints).
+            ``function(image_shape, num_levels, **model_kwargs)``; ``None``: the instance
+            passed as ``train(config, model=...)``, or else the data set's default
+            (:data:`DEFAULT_MODELS`, :func:`default_model`), which the run records (its
+            checkpoints and ``metrics.json`` name the registry model and its arguments).
+        model_kwargs: keyword arguments of the builder (JSON-serialisable: stored in checkpoints);
+            with ``model=None`` they update the default model's arguments.
         epochs: total number of epochs (with ``resume``: train until this many are done).
         batch_size: training and evaluation batch size, **global**: with N processes
             (torchrun) each takes ``batch_size / N`` images (must divide evenly).
         lr: Adam learning rate.
-        lr_decay: ``StepLR`` factor applied after every epoch (``lr_e = lr * lr_decay**e``).
+        lr_decay: factor applied after every epoch (``lr_e = lr * lr_decay**e``).
+        warmup_steps: the learning rate rises linearly over the first steps, ``lr * (s + 1) /
+            warmup_steps`` at step ``s`` (0: no warm-up); the schedule is per step and is
+            stored in checkpoints.
+        ema_decay: evaluate (validation, test, ``best.pt``, samples) an exponential moving
+            average of the weights, ``avg = d * avg + (1 - d) * weights`` after every step with
+            ``d = min(ema_decay, (1 + n) / (10 + n))`` at update ``n`` (so early averages do not
+            cling to the initial weights); 0 disables it.  Checkpoints hold the averaged
+            weights as the model (what ``load_checkpoint`` and ``flowkit sample`` use) and the
+            training weights for resuming.
         grad_clip: max gradient norm (``clip_grad_norm_``); 0 disables clipping.
         seed: seeds the model's initialisation, the training order and the noise.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda`` (under torchrun:
@@ -92,8 +125,10 @@ class TrainConfig:
     model_kwargs: dict = dataclasses.field(default_factory=dict)
     epochs: int = 10
     batch_size: int = 64
-    lr: float = 1e-3
-    lr_decay: float = 0.99
+    lr: float = 2e-3
+    lr_decay: float = 0.975
+    warmup_steps: int = 100
+    ema_decay: float = 0.999
     grad_clip: float = 1.0
     seed: int = 0
     device: str = "auto"
@@ -119,7 +154,7 @@ class TrainConfig:
         """Raise ``ValueError``/``TypeError`` naming the first bad option."""
         for name in ("epochs", "batch_size", "max_nonfinite", "init_batch_size", "num_samples"):
             check_int(name, getattr(self, name), low=1)
-        for name in ("seed", "importance_samples", "num_workers"):
+        for name in ("seed", "importance_samples", "num_workers", "warmup_steps"):
             check_int(name, getattr(self, name), low=0)
         for name in ("max_train_batches", "max_eval_batches", "val_size"):
             check_optional_int(name, getattr(self, name), low=1)
@@ -127,6 +162,7 @@ class TrainConfig:
         check_float("lr", self.lr, low=0, low_open=True)
         check_float("lr_decay", self.lr_decay, low=0, high=1, low_open=True)
         check_float("grad_clip", self.grad_clip, low=0)
+        check_float("ema_decay", self.ema_decay, low=0, high=1, high_open=True)
         check_float("sample_temperature", self.sample_temperature, low=0, low_open=True)
         check_choice("device", self.device, DEVICES)
         check_choice("data", self.data, DATASETS)
@@ -150,8 +186,24 @@ class TrainConfig:
         return {**dataclasses.asdict(self), "out": str(self.out)}
 
 
+def default_model(data: str) -> tuple[str, dict[str, Any]]:
+    """``(registry name, keyword arguments)`` that ``TrainConfig(data=data, model=None)`` trains.
+
+    Example:
+        >>> default_model("cifar10")
+        ('glow', {})
+    """
+    check_choice("data", data, DATASETS)
+    name, kwargs = DEFAULT_MODELS[data]
+    return name, json.loads(json.dumps(kwargs))  # a copy the caller may change
+
+
 def _label(field: str) -> str:
     return field
+
+
+def _stored(stored: Mapping[str, Any], name: str) -> Any:
+    return stored[name] if name in stored else OPTIONS_BEFORE_THEY_EXISTED.get(name)
 
 
 def resume_conflicts(stored: Mapping[str, Any], config: TrainConfig) -> list[str]:
@@ -160,8 +212,8 @@ def resume_conflicts(stored: Mapping[str, Any], config: TrainConfig) -> list[str
         field.name
         for field in dataclasses.fields(TrainConfig)
         if field.name not in MAY_CHANGE_ON_RESUME
-        and field.name in stored
-        and stored[field.name] != getattr(config, field.name)
+        and (field.name in stored or field.name in OPTIONS_BEFORE_THEY_EXISTED)
+        and _stored(stored, field.name) != getattr(config, field.name)
     ]
 
 
@@ -173,7 +225,7 @@ def conflict_message(
     if not fields:
         return None
     changes = "; ".join(
-        f"{label(f)} is {getattr(config, f)!r} but the run was started with {stored[f]!r}" for f in fields
+        f"{label(f)} is {getattr(config, f)!r} but the run was started with {_stored(stored, f)!r}" for f in fields
     )
     allowed = ", ".join(label(f) for f in MAY_CHANGE_ON_RESUME if f not in ("resume", "overwrite", "out"))
     return (
@@ -203,7 +255,8 @@ def resume_config(out: str | os.PathLike, label: Callable[[str], str] = _label, 
     unknown = sorted(set(changes) - known)
     if unknown:
         raise TypeError(f"changes: {', '.join(unknown)} are not TrainConfig options")
-    config = TrainConfig(**{**{k: v for k, v in stored.items() if k in known}, **changes})
+    options = {**OPTIONS_BEFORE_THEY_EXISTED, **{k: v for k, v in stored.items() if k in known}}
+    config = TrainConfig(**{**options, **changes})
     # the stored run may have been started with overwrite: that was then, not now
     config.out, config.resume, config.overwrite = str(out), True, changes.get("overwrite", False)
     message = conflict_message(stored, config, path, label)

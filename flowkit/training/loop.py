@@ -1,7 +1,7 @@
 """The training loop: :func:`train` = :func:`~flowkit.training.run.start_run` + :func:`fit`.
 
-One step (:func:`train_step`) is ``bpd -> backward -> clip -> Adam``, with no host
-synchronisation: the step's loss, its finiteness and the skip decision stay on the device.
+One step (:func:`train_step`) is ``bpd -> backward -> clip -> Adam -> learning-rate schedule
+-> weight average`` (the last with ``ema_decay`` only), with no host synchronisation: the step's loss, its finiteness and the skip decision stay on the device.
 
 Non-finite steps.  ``ok = isfinite(loss) and isfinite(grad norm)`` (an AND over the ranks
 under DDP) is handed to fused Adam as ``found_inf = not ok``, the mechanism
@@ -96,6 +96,9 @@ def train_step(run: Run, x: torch.Tensor, meter: StepMeter, y: torch.Tensor | No
     # fused Adam: no update where found_inf (see the module docstring)
     run.optimizer.found_inf = (~ok).float()  # type: ignore[attr-defined]
     run.optimizer.step()
+    run.scheduler.step()  # per step: warm-up, then lr_decay per epoch
+    if run.ema is not None:
+        run.ema.update(run.model)
     meter.update(loss.detach(), ok, x.shape[0])
 
 
@@ -114,9 +117,7 @@ def train_epoch(run: Run, epoch: int, meter: StepMeter) -> EpochRecord:
     run.model.train()
     lr = run.optimizer.param_groups[0]["lr"]
     loader = run.loaders["train"]
-    num_batches = (
-        len(loader) if run.config.max_train_batches is None else min(len(loader), run.config.max_train_batches)
-    )
+    num_batches = run.steps_per_epoch
     run.call("on_epoch_start", epoch, num_batches)
     for step, (x, y) in zip(range(num_batches), loader, strict=False):
         labels = y.to(run.device, non_blocking=True) if run.conditional else None
@@ -126,8 +127,7 @@ def train_epoch(run: Run, epoch: int, meter: StepMeter) -> EpochRecord:
             run.call("on_sync", epoch, meter.read())
     stats = meter.read(run.ctx)
     run.call("on_sync", epoch, stats)  # the non-finite policy looks before anything is saved
-    run.scheduler.step()
-    val_bpd = _mean_bpd(run, run.model, "val", 1)
+    val_bpd = _mean_bpd(run, run.eval_model, "val", 1)
     run.train_time_s += time.perf_counter() - t0
     return EpochRecord(epoch + 1, stats.train_bpd, val_bpd, lr, stats.skipped, round(run.train_time_s, 3))
 
@@ -182,7 +182,7 @@ def train(config: TrainConfig, model: ImageFlow | None = None, *, hooks: Sequenc
         model: a ready :class:`~flowkit.models.ImageFlow` to train (any nflows Transform
             inside); ``None``: build ``config.model`` (a registry name or an import path).
             An instance is trained in place (it ends with the last epoch's weights; ``best.pt``
-            holds the best) and its checkpoints have no recipe, so ``load_checkpoint`` needs it
+            holds the best, the weight average with ``ema_decay``) and its checkpoints have no recipe, so ``load_checkpoint`` needs it
             again as ``model=``.
         hooks: extra :class:`~flowkit.training.hooks.Hook` objects, called after the default ones.
 

@@ -20,16 +20,17 @@ from flowkit.data import DatasetInfo, ImageDataset, dataset_info, load_splits
 from flowkit.errors import UserError
 from flowkit.models import ImageFlow, ModelBuildError
 from flowkit.training.checkpoint import Checkpoint, CheckpointError, ModelRecipe, read_checkpoint, restore_model
-from flowkit.training.config import TrainConfig, conflict_message
+from flowkit.training.config import TrainConfig, conflict_message, default_model
 from flowkit.training.distributed import DistributedContext
 from flowkit.training.distributed import setup as setup_distributed
 from flowkit.training.folder import RunFiles, RunFolderError, check_run_folder
 from flowkit.training.hooks import Hook, default_hooks
 from flowkit.training.records import EpochRecord
 from flowkit.training.runtime import seed_all
+from flowkit.training.schedule import WeightAverage, make_scheduler
 from flowkit.validation import check_labels
 
-__all__ = ["ConfigError", "Run", "start_run"]
+__all__ = ["ConfigError", "Run", "batches_per_epoch", "start_run"]
 
 
 class ConfigError(UserError, ValueError):
@@ -67,6 +68,8 @@ class Run:
     sampler: DistributedSampler
     loaders: dict[str, DataLoader]
     hooks: list[Hook]
+    steps_per_epoch: int
+    ema: WeightAverage | None = None
     history: list[EpochRecord] = dataclasses.field(default_factory=list)
     best_val_bpd: float | None = None
     best_epoch: int | None = None
@@ -84,6 +87,11 @@ class Run:
     def conditional(self) -> bool:
         """Whether the model learns ``p(x | y)`` (its steps and evaluations take the labels)."""
         return self.model.is_conditional
+
+    @property
+    def eval_model(self) -> ImageFlow:
+        """The model that is evaluated and saved: the weight average (``ema_decay``), or the model."""
+        return self.model if self.ema is None else self.ema.model  # type: ignore[return-value]
 
     @property
     def epoch(self) -> int:
@@ -109,7 +117,7 @@ class Run:
     def checkpoint(self) -> Checkpoint:
         """The run's state as a :class:`Checkpoint` record."""
         return Checkpoint(
-            state_dict=self.model.state_dict(),
+            state_dict=self.eval_model.state_dict(),
             recipe=self.recipe,
             model_class=_class_name(self.model),
             image_shape=self.model.image_shape,
@@ -125,6 +133,8 @@ class Run:
             optimizer=self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict(),
             num_classes=self.model.num_classes,
+            train_state_dict=None if self.ema is None else self.model.state_dict(),
+            ema=None if self.ema is None else self.ema.state_dict(),
         )
 
     def summary(self) -> dict[str, Any]:
@@ -141,10 +151,10 @@ class Run:
         }
 
     def best_model(self) -> ImageFlow:
-        """The model of ``best.pt`` (the run's model itself when the last epoch was the best)."""
+        """The model of ``best.pt`` (the run's evaluated model itself when the last epoch was the best)."""
         if self.best_epoch is None or self.best_epoch == self.epoch or not self.files.best.is_file():
-            return self.model
-        best = copy.deepcopy(self.model)
+            return self.eval_model
+        best = copy.deepcopy(self.eval_model)
         restore_model(best, read_checkpoint(self.files.best), self.files.best)
         return best
 
@@ -154,9 +164,13 @@ def _class_name(model: nn.Module) -> str:
 
 
 def _resolve_model_option(config: TrainConfig, model: ImageFlow | None) -> TrainConfig:
-    """``config`` with ``model=None`` read as ``glow`` when no instance is given; checks the instance."""
+    """``config`` with ``model=None`` read as the data set's default model (its registry name,
+    and its arguments updated by ``model_kwargs``) when no instance is given; checks the instance."""
     if model is None:
-        return config if config.model is not None else dataclasses.replace(config, model="glow")
+        if config.model is not None:
+            return config
+        name, kwargs = default_model(config.data)
+        return dataclasses.replace(config, model=name, model_kwargs={**kwargs, **config.model_kwargs})
     if not isinstance(model, ImageFlow):
         raise TypeError(f"model: expected a flowkit ImageFlow instance, got {type(model).__name__}")
     if config.model is not None:
@@ -252,6 +266,11 @@ def _loaders(config: TrainConfig, ctx: DistributedContext, splits: dict[str, Ima
     return sampler, loaders
 
 
+def batches_per_epoch(config: TrainConfig, loader: DataLoader) -> int:
+    """Steps of an epoch: the training batches, at most ``max_train_batches``."""
+    return len(loader) if config.max_train_batches is None else min(len(loader), config.max_train_batches)
+
+
 def _initialize(model: ImageFlow, config: TrainConfig, train: ImageDataset, device: torch.device) -> None:
     """ActNorm's data-dependent init on a real (random) training batch, the same on every rank."""
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed))[: config.init_batch_size]
@@ -267,13 +286,27 @@ def _check_labels(model: ImageFlow, splits: dict[str, ImageDataset]) -> None:
         check_labels(split.labels, f"labels of the {name} split", model.num_classes, len(split))
 
 
+def _restore_model(model: ImageFlow, checkpoint: Checkpoint, path: Path) -> None:
+    """The training weights of a checkpoint (``state_dict`` is the average when the run keeps one)."""
+    if checkpoint.train_state_dict is not None:
+        checkpoint = dataclasses.replace(checkpoint, state_dict=checkpoint.train_state_dict)
+    restore_model(model, checkpoint, path)
+
+
 def _restore(run: Run, checkpoint: Checkpoint) -> None:
     if checkpoint.optimizer is None or checkpoint.scheduler is None:
         raise CheckpointError(f"checkpoint: {run.files.last} holds no optimizer state, so the run cannot resume")
     # the skip of non-finite steps needs fused Adam; flowkit 0.1's checkpoints saved the unfused one
     groups = [{**group, "fused": True, "foreach": None} for group in checkpoint.optimizer["param_groups"]]
     run.optimizer.load_state_dict({**checkpoint.optimizer, "param_groups": groups})
-    run.scheduler.load_state_dict(checkpoint.scheduler)
+    if "gamma" in checkpoint.scheduler:  # a per-epoch StepLR (before the per-step schedule): steps done
+        run.scheduler.last_epoch = checkpoint.epoch * run.steps_per_epoch
+    else:
+        run.scheduler.load_state_dict(checkpoint.scheduler)
+    if run.ema is not None:
+        if checkpoint.ema is None:
+            raise CheckpointError(f"checkpoint: {run.files.last} holds no weight average, so the run cannot resume")
+        run.ema.load_state_dict(checkpoint.ema, checkpoint.state_dict)
     run.history = [EpochRecord(**h) for h in checkpoint.history]
     run.best_val_bpd, run.best_epoch = checkpoint.best_val_bpd, checkpoint.best_epoch
     run.skipped_steps, run.train_time_s = checkpoint.skipped_steps, checkpoint.train_time_s
@@ -293,7 +326,7 @@ def _check_resume(config: TrainConfig, files: RunFiles) -> Checkpoint | None:
 def start_run(config: TrainConfig, model: ImageFlow | None = None, hooks: Sequence[Hook] = ()) -> Run:
     """Check everything, then build the :class:`Run` (see :func:`~flowkit.training.train`)."""
     config.validate()
-    config = _resolve_model_option(config, model)
+    given, config = config, _resolve_model_option(config, model)
     ctx = setup_distributed(config.device)
     try:
         if config.batch_size % ctx.world_size:
@@ -304,7 +337,15 @@ def start_run(config: TrainConfig, model: ImageFlow | None = None, hooks: Sequen
         files = check_run_folder(Path(config.out), resume=config.resume, overwrite=config.overwrite)
         stored = _check_resume(config, files)
         info, splits = _load_data(config)
-        model, recipe = _model_and_recipe(config, model, info)
+        try:
+            model, recipe = _model_and_recipe(config, model, info)
+        except ModelBuildError as err:
+            if given.model is None and given.model_kwargs and model is None:
+                raise ModelBuildError(
+                    f"{err}; without a model name, model_kwargs update the data set's default model "
+                    f"({config.model!r}): name the model they are for (e.g. model='glow', --model glow)"
+                ) from err
+            raise
         _check_labels(model, splits)
         all_hooks = [*default_hooks(config), *hooks]
         return _assemble(config, ctx, files, model, recipe, splits, all_hooks, stored)
@@ -319,17 +360,18 @@ def _assemble(config, ctx, files, model, recipe, splits, hooks, stored) -> Run:
     device = ctx.device
     model.to(device)
     if stored is not None:
-        restore_model(model, stored, files.last)
+        _restore_model(model, stored, files.last)
     else:
         _initialize(model, config, splits["train"], device)
     ctx.broadcast_module(model)  # every rank starts from rank 0's parameters and buffers
     # fused Adam takes `found_inf`: a non-finite step is skipped on the device, without a sync (see loop.py)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=True)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=config.lr_decay)
     sampler, loaders = _loaders(config, ctx, splits)
-    run = Run(
-        config, ctx, files, model, recipe, ctx.wrap(TrainingLoss(model)), optimizer, scheduler, sampler, loaders, hooks
-    )
+    steps = batches_per_epoch(config, loaders["train"])
+    scheduler = make_scheduler(optimizer, config.warmup_steps, config.lr_decay, steps)
+    ema = WeightAverage(model, config.ema_decay) if config.ema_decay > 0 else None
+    loss = ctx.wrap(TrainingLoss(model))
+    run = Run(config, ctx, files, model, recipe, loss, optimizer, scheduler, sampler, loaders, hooks, steps, ema)
     if stored is not None:
         _restore(run, stored)
     run.replace_old_run = config.overwrite  # at the first checkpoint: a run that fails before leaves it as it was
