@@ -30,7 +30,7 @@ from flowkit.training.runtime import seed_all
 from flowkit.training.schedule import WeightAverage, make_scheduler
 from flowkit.validation import check_labels
 
-__all__ = ["ConfigError", "Run", "batches_per_epoch", "start_run"]
+__all__ = ["ConfigError", "Run", "start_run"]
 
 
 class ConfigError(UserError, ValueError):
@@ -266,7 +266,7 @@ def _loaders(config: TrainConfig, ctx: DistributedContext, splits: dict[str, Ima
     return sampler, loaders
 
 
-def batches_per_epoch(config: TrainConfig, loader: DataLoader) -> int:
+def _batches_per_epoch(config: TrainConfig, loader: DataLoader) -> int:
     """Steps of an epoch: the training batches, at most ``max_train_batches``."""
     return len(loader) if config.max_train_batches is None else min(len(loader), config.max_train_batches)
 
@@ -367,7 +367,7 @@ def _assemble(config, ctx, files, model, recipe, splits, hooks, stored) -> Run:
     # fused Adam takes `found_inf`: a non-finite step is skipped on the device, without a sync (see loop.py)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=True)
     sampler, loaders = _loaders(config, ctx, splits)
-    steps = batches_per_epoch(config, loaders["train"])
+    steps = _batches_per_epoch(config, loaders["train"])
     scheduler = make_scheduler(optimizer, config.warmup_steps, config.lr_decay, steps)
     ema = WeightAverage(model, config.ema_decay) if config.ema_decay > 0 else None
     loss = ctx.wrap(TrainingLoss(model))
